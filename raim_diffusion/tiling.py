@@ -15,7 +15,8 @@ tiled processing reproduces untiled processing bit for bit instead of to within 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -188,13 +189,13 @@ class TileGrid:
         n, c = chunks[0].shape[:2]
         out = tiles.new_empty(n, c, self.height * s, self.width * s)
         # Pass 1: every pixel takes the value of the last tile covering it (the reference).
-        for (y, x, _, _), chunk in zip(self.tiles, chunks):
+        for (y, x, _, _), chunk in zip(self.tiles, chunks, strict=False):
             out[..., y * s : y * s + th, x * s : x * s + tw] = chunk
         # Pass 2: weighted mean of the deviations from that reference.
         weight = self._weight(tiles.device, tiles.dtype)
         num = torch.zeros_like(out)
         den = tiles.new_zeros(1, 1, *out.shape[-2:])
-        for (y, x, _, _), chunk in zip(self.tiles, chunks):
+        for (y, x, _, _), chunk in zip(self.tiles, chunks, strict=False):
             region = (..., slice(y * s, y * s + th), slice(x * s, x * s + tw))
             num[region] += weight * (chunk - out[region])
             den[region] += weight

@@ -14,7 +14,7 @@ def test_tile_starts_cover_and_stay_inside(length, tile, stride):
     starts = tile_starts(length, tile, stride)
     covered = torch.zeros(length, dtype=torch.bool)
     for s in starts:
-        assert 0 <= s and s + min(tile, length) <= length
+        assert s >= 0 and s + min(tile, length) <= length
         covered[s : s + tile] = True
     assert covered.all()
     assert starts == sorted(set(starts))
@@ -61,7 +61,9 @@ def test_split_merge_roundtrip_and_tile_major_order():
     assert torch.equal(grid.merge(tiles), x)
 
 
-@pytest.mark.parametrize("weight,max_step", [("cosine", 0.12), ("gaussian", 0.4), ("uniform", 0.51)])
+@pytest.mark.parametrize(
+    "weight,max_step", [("cosine", 0.12), ("gaussian", 0.4), ("uniform", 0.51)]
+)
 def test_blend_is_a_convex_combination_and_seam_free(weight, max_step):
     """Tiles that disagree by a constant give a smooth, bounded transition (no hard seam)."""
     x = torch.zeros(1, 1, 1, 64)
