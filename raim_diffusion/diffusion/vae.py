@@ -1,9 +1,13 @@
 """VAE encode/decode between [0, 1] images and scaled latents, tiled for large images.
 
 Tiles overlap and are blended with smooth weights through [`~raim_diffusion.tiling.TileGrid`].
-Each tile is normalised by its own GroupNorm statistics, so very different tiles can differ
-slightly in tone; the overlap blend hides the seams and the pipeline's colour fix (against the
-prior) removes the remaining low-frequency differences.
+A VAE normalises with GroupNorm over the whole image; a tile alone would use its own statistics
+and come out in a different tone from its neighbours. So a tiled pass runs twice: the
+first pass pools every GroupNorm's per-group sums over all tiles into image-wide statistics, the
+second normalises every tile with them. The pooled statistics are those of the first pass's
+(tile-normalised) features, a close approximation of the untiled ones at twice the cost; SUPIR
+synchronises exact statistics layer by layer instead, at the cost of a task queue holding every
+tile's activations. Attention in the mid block still sees one tile at a time.
 """
 
 from __future__ import annotations
@@ -42,6 +46,82 @@ def auto_vae_tile(height: int, width: int, device: torch.device | str) -> int | 
         return None
     side = int(math.sqrt(budget / _BYTES_PER_PIXEL)) // 64 * 64
     return max(256, side)
+
+
+class _GroupNormStats:
+    """Pool GroupNorm statistics over all tiles in one pass, impose them in the next.
+
+    While recording, each GroupNorm call adds its per-group sums (per batch item; tiles are
+    stacked tile-major, so tile ``i`` belongs to item ``i % batch``) to that layer's pool.
+    While applying, every tile is normalised with the pooled image-wide mean and variance.
+    """
+
+    def __init__(self, module: torch.nn.Module, batch: int) -> None:
+        self.batch = batch
+        self.recording = True
+        self._sums: list[torch.Tensor] = []  # per layer: (batch, groups, 3) count, sum, sum sq
+        self._stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._calls = 0
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self._handles = [n.register_forward_hook(self._hook) for n in norms]
+        # Every pass of the whole module walks the GroupNorms in the same order.
+        self._handles.append(module.register_forward_pre_hook(self._reset))
+
+    def _reset(self, module: torch.nn.Module, inputs: tuple) -> None:
+        self._calls = 0
+
+    def apply(self) -> None:
+        """Switch from recording to imposing the pooled statistics."""
+        self.recording = False
+        for sums in self._sums:
+            count, total, total_sq = sums.unbind(-1)
+            mean = total / count
+            self._stats.append((mean, (total_sq / count - mean**2).clamp_min(0)))
+
+    def _hook(self, norm: torch.nn.GroupNorm, inputs: tuple, output: torch.Tensor):
+        x = inputs[0]
+        n, c = x.shape[:2]
+        layer, self._calls = self._calls, self._calls + 1
+        grouped = x.double().reshape(n, norm.num_groups, -1)
+        owner = torch.arange(n, device=x.device) % self.batch
+        if self.recording:
+            sums = torch.stack(
+                [torch.full_like(grouped[..., 0], grouped.shape[-1]), grouped.sum(-1),
+                 (grouped**2).sum(-1)], dim=-1,
+            )
+            pooled = sums.new_zeros(self.batch, *sums.shape[1:]).index_add_(0, owner, sums)
+            if layer == len(self._sums):
+                self._sums.append(pooled)
+            else:
+                self._sums[layer] += pooled
+            return None
+        mean, var = self._stats[layer]
+        mean, var = mean[owner, :, None], var[owner, :, None]
+        out = ((grouped - mean) * torch.rsqrt(var + norm.eps)).reshape(x.shape).to(output.dtype)
+        if norm.affine:
+            shape = (1, c) + (1,) * (x.ndim - 2)
+            out = out * norm.weight.view(shape) + norm.bias.view(shape)
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _tiled_pass(module: torch.nn.Module, fn, tiles: torch.Tensor, batch: int, tile_batch: int):
+    """Run ``fn`` over ``tiles`` twice: once to pool ``module``'s GroupNorm statistics over the
+    whole image, once normalising every tile with them."""
+    stats = _GroupNormStats(module, batch)
+    # Chunks of whole multiples of the batch keep "tile i belongs to item i % batch" true inside
+    # every chunk of the tile-major stack.
+    step = max(batch, tile_batch // batch * batch)
+    try:
+        for chunk in tiles.split(step):
+            fn(chunk)
+        stats.apply()
+        return torch.cat([fn(chunk) for chunk in tiles.split(step)], dim=0)
+    finally:
+        stats.close()
 
 
 @contextlib.contextmanager
@@ -113,7 +193,7 @@ def encode_latents(
             latent_grid = TileGrid(h // factor, w // factor, t, min(o, t - 1))
             pixel_grid = TileGrid(h, w, t * factor, min(o, t - 1) * factor)
             tiles = pixel_grid.split(x)
-            z = latent_grid.merge(torch.cat([encode(b) for b in tiles.split(tile_batch)], dim=0))
+            z = latent_grid.merge(_tiled_pass(vae.encoder, encode, tiles, len(x), tile_batch))
     return ((z - shift) * scaling).to(vae.dtype)
 
 
@@ -149,6 +229,5 @@ def decode_latents(
             x = decode(z)
         else:
             grid = TileGrid(h, w, tile, min(overlap, tile - 1), scale=factor)
-            tiles = grid.split(z)
-            x = grid.merge(torch.cat([decode(b) for b in tiles.split(tile_batch)], dim=0))
+            x = grid.merge(_tiled_pass(vae.decoder, decode, grid.split(z), len(z), tile_batch))
     return ((x + 1) / 2).clamp_(0, 1)
