@@ -1,0 +1,1222 @@
+"""The image edge: reading, converting and writing images.
+
+Everything inside raim-diffusion works on float32 tensors, NCHW, RGB, values in [0, 1]. This
+module is the only place that knows about files, PIL, numpy, bit depths, grayscale, palettes,
+alpha channels, CMYK, ICC profiles and EXIF orientation:
+
+- :func:`load_image` reads one image (a path, bytes, a binary file, a PIL image, a numpy array
+  or a torch tensor) into a :class:`LoadedImage`: the RGB tensor plus what is needed to write the
+  result back the way the input was (alpha, bit depth, ICC profile).
+- :func:`to_tensor` turns one image or a list of same-sized images into one (N, 3, H, W) batch.
+- :func:`save_image` writes PNG / JPEG / WebP / TIFF / BMP atomically, 8- or 16-bit, with alpha.
+- :func:`to_pil` and :func:`to_numpy` convert tensors for display and for other libraries.
+- :func:`atomic_write` is the one way the package writes any file (images, json, csv, html).
+- :func:`find_images` expands files, folders and glob patterns into a sorted list of images, and
+  :func:`output_paths` maps them to output paths under an output folder.
+
+Bad input raises :class:`~raim_diffusion.errors.InvalidImageError` (a ``ValueError``) whose message
+names the file (or the argument) and the problem; a wrong Python type raises ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import os
+import secrets
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.utils import logging
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InvalidImageError
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
+    "LoadedImage",
+    "atomic_write",
+    "find_images",
+    "load_image",
+    "output_paths",
+    "resize_alpha",
+    "save_image",
+    "to_numpy",
+    "to_pil",
+    "to_tensor",
+]
+
+#: Suffixes (lower case) that :func:`find_images` picks up when scanning folders and globs.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+
+#: Default limit on width * height for decoded files (about 134 megapixels, e.g. 16384 x 8192).
+#: It stays below Pillow's own hard decompression-bomb limit (2 * ``PIL.Image.MAX_IMAGE_PIXELS``,
+#: about 179 megapixels by default), so the number documented here is the one enforced.
+DEFAULT_MAX_PIXELS: int = 2**27
+
+# Floats slightly outside [0, 1] (resampling overshoot, VAE decoding) are clamped; anything
+# further out is almost always a [0, 255] or [-1, 1] image passed by mistake, so it is refused.
+_RANGE_TOLERANCE = 0.05
+
+_SUFFIX_TO_FORMAT = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+}
+_SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
+_ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "BMP")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_GLOB_CHARS = frozenset("*?[")
+# zlib level 4 writes a 12-megapixel photo about 2.5x faster than Pillow's default 6, for files
+# about 5% larger: the better trade for batch outputs.
+_PNG_COMPRESS_LEVEL = 4
+
+# EXIF orientation tag value -> PIL transpose that makes the image upright (same table as
+# PIL.ImageOps.exif_transpose).
+_ORIENTATION_TO_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+ImageInput = Union[str, os.PathLike, bytes, IO[bytes], Image.Image, np.ndarray, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """One image read at the edge, in the library's data contract.
+
+    Attributes:
+        tensor (`torch.Tensor`):
+            RGB image, shape (1, 3, H, W), float32, values in [0, 1]. Grayscale inputs are
+            replicated to three channels.
+        alpha (`torch.Tensor` or `None`):
+            Alpha channel, shape (1, 1, H, W), float32 in [0, 1], or `None` when the input had no
+            transparency. Kept aside so stages never see it; pass it to :func:`save_image`.
+        bit_depth (`int`):
+            8 or 16: the precision of the source (16 for 16-bit PNG/TIFF, ``uint16`` arrays and
+            float inputs, 8 otherwise). Pass it to :func:`save_image` to write the same depth.
+        source (`pathlib.Path` or `None`):
+            The file the image came from, or `None` for in-memory inputs.
+        format (`str` or `None`):
+            The file format as PIL names it ("PNG", "JPEG", "TIFF", ...), or `None`.
+        icc_profile (`bytes` or `None`):
+            The embedded ICC colour profile, if any. Pixel values are not colour-converted
+            (except CMYK, which must become RGB); :func:`save_image` re-embeds the profile so the
+            colours of the output mean what those of the input meant.
+        grayscale (`bool`):
+            Whether the source had a single colour channel (its three channels are equal), so a
+            caller can write a grayscale result with ``save_image(x[:, :1], ...)``.
+    """
+
+    tensor: torch.Tensor
+    alpha: torch.Tensor | None = None
+    bit_depth: int = 8
+    source: Path | None = None
+    format: str | None = None
+    icc_profile: bytes | None = None
+    grayscale: bool = False
+
+    @property
+    def height(self) -> int:
+        """Height in pixels."""
+        return int(self.tensor.shape[-2])
+
+    @property
+    def width(self) -> int:
+        """Width in pixels."""
+        return int(self.tensor.shape[-1])
+
+    @property
+    def name(self) -> str:
+        """The source file's name, or ``"<memory>"`` for in-memory inputs."""
+        return self.source.name if self.source is not None else "<memory>"
+
+    def to(self, device: torch.device | str | None = None) -> LoadedImage:
+        """Return a copy whose tensor and alpha live on `device`."""
+        alpha = self.alpha.to(device) if self.alpha is not None else None
+        return replace(self, tensor=self.tensor.to(device), alpha=alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pixels:
+    """Decoded pixels before they become tensors: HxWxC colour (C = 1 or 3) and HxW alpha."""
+
+    color: np.ndarray
+    alpha: np.ndarray | None
+    bit_depth: int
+    icc_profile: bytes | None = None
+    format: str | None = None
+
+
+def _import_cv2() -> Any:
+    try:
+        import cv2
+    except ImportError as e:  # pragma: no cover - opencv is a core dependency
+        raise ImportError(
+            "16-bit RGB PNG/TIFF files need OpenCV: pip install opencv-python-headless"
+        ) from e
+    return cv2
+
+
+def _check_pixels(width: int, height: int, name: str, max_pixels: int | None) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"{name}: image has zero size ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise InvalidImageError(
+            f"{name}: image is {width}x{height} = {width * height} pixels, more than the limit "
+            f"of {max_pixels} (possible decompression bomb); pass a larger max_pixels to allow it"
+        )
+
+
+def _file_bit_depth(im: Image.Image, data: bytes) -> int:
+    """Bits per sample stored in the file, which PIL may have reduced to 8 when opening."""
+    if im.format == "PNG" and data[12:16] == b"IHDR":
+        return 16 if data[24] == 16 else 8
+    if im.format == "TIFF":
+        bits = getattr(im, "tag_v2", {}).get(258)
+        if bits is not None:
+            bits = bits if isinstance(bits, tuple) else (bits,)
+            return 16 if max(int(b) for b in bits) > 8 else 8
+    return 16 if im.mode in _SIXTEEN_BIT_MODES else 8
+
+
+def _exif_orientation(im: Image.Image, name: str) -> int:
+    try:
+        orientation = int(im.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception as e:  # malformed EXIF must not make an otherwise good photo unreadable
+        logger.warning(f"{name}: ignoring unreadable EXIF data ({e})")
+        return 1
+    return orientation if orientation in _ORIENTATION_TO_TRANSPOSE else 1
+
+
+def _png_exif_orientation(data: bytes, name: str) -> int:
+    """EXIF orientation from a PNG's eXIf chunk, found by walking the chunk headers."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"eXIf":
+            exif = Image.Exif()
+            try:
+                payload = data[pos + 8 : pos + 8 + length]
+                exif.load(payload if payload.startswith(b"Exif") else b"Exif\x00\x00" + payload)
+                orientation = int(exif.get(_EXIF_ORIENTATION_TAG, 1))
+            except Exception as e:
+                logger.warning(f"{name}: ignoring unreadable EXIF data ({e})")
+                return 1
+            return orientation if orientation in _ORIENTATION_TO_TRANSPOSE else 1
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return 1
+
+
+def _tiff_without_orientation(data: bytes) -> bytes:
+    """A copy of a TIFF whose first directory's Orientation tag is reset to 1 (top-left).
+
+    OpenCV applies the TIFF orientation itself (even with IMREAD_IGNORE_ORIENTATION) and fails
+    on the transposing ones (5-8), so the tag is neutralised and the orientation applied here,
+    the same way as for every other format.
+    """
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None:
+        return data
+    try:
+        (magic,) = struct.unpack_from(order + "H", data, 2)
+        if magic == 42:  # classic TIFF: 2-byte entry count, 12-byte entries
+            (ifd,) = struct.unpack_from(order + "I", data, 4)
+            count_fmt, entry_size, value_at = "H", 12, 8
+        elif magic == 43:  # BigTIFF: 8-byte entry count, 20-byte entries
+            (ifd,) = struct.unpack_from(order + "Q", data, 8)
+            count_fmt, entry_size, value_at = "Q", 20, 12
+        else:
+            return data
+        (entries,) = struct.unpack_from(order + count_fmt, data, ifd)
+        first = ifd + struct.calcsize(count_fmt)
+        for i in range(entries):
+            entry = first + i * entry_size
+            tag, kind = struct.unpack_from(order + "HH", data, entry)
+            if tag == _EXIF_ORIENTATION_TAG and kind == 3:  # 0x0112 = 274, type SHORT
+                patched = bytearray(data)
+                struct.pack_into(order + "H", patched, entry + value_at, 1)
+                return bytes(patched)
+    except struct.error:
+        pass
+    return data
+
+
+def _orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply the EXIF orientation transform to an HxW[xC] array (as PIL's exif_transpose)."""
+    if orientation == 2:
+        arr = arr[:, ::-1]
+    elif orientation == 3:
+        arr = arr[::-1, ::-1]
+    elif orientation == 4:
+        arr = arr[::-1]
+    elif orientation == 5:
+        arr = arr.swapaxes(0, 1)
+    elif orientation == 6:
+        arr = np.rot90(arr, k=-1)
+    elif orientation == 7:
+        arr = arr.swapaxes(0, 1)[::-1, ::-1]
+    elif orientation == 8:
+        arr = np.rot90(arr, k=1)
+    return np.ascontiguousarray(arr)
+
+
+def _split_channels(arr: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """HxW or HxWxC (C in 1..4, RGB order) -> (HxWxC' colour with C' in {1, 3}, HxW alpha)."""
+    if arr.ndim == 2:
+        return arr[..., None], None
+    channels = arr.shape[2]
+    if channels == 1:
+        return arr, None
+    if channels == 2:
+        return arr[..., :1], arr[..., 1]
+    if channels == 3:
+        return arr, None
+    if channels == 4:
+        return arr[..., :3], arr[..., 3]
+    raise InvalidImageError(f"{name}: unsupported number of channels {channels} (allowed: 1-4)")
+
+
+def _decode_with_cv2(data: bytes, name: str, orientation: int) -> _Pixels:
+    # PIL silently reduces 16-bit RGB(A) PNG/TIFF to 8 bits (and cannot open float RGB TIFF);
+    # OpenCV keeps every bit.
+    cv2 = _import_cv2()
+    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise InvalidImageError(
+            f"{name}: image data is truncated or corrupt (OpenCV could not decode it)"
+        )
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = arr[..., ::-1]
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., [2, 1, 0, 3]]
+    if arr.dtype.kind == "f":  # 32/64-bit float TIFF: values are meant to be in [0, 1]
+        arr = _check_float_array(arr.astype(np.float32), name)
+    elif arr.dtype not in (np.uint8, np.uint16):
+        arr = _integer_to_uint16(arr, name)
+    _check_pixels(arr.shape[1], arr.shape[0], name, None)
+    color, alpha = _split_channels(_orient_array(arr, orientation), name)
+    return _Pixels(color, alpha, 8 if arr.dtype == np.uint8 else 16)
+
+
+def _integer_to_uint16(arr: np.ndarray, name: str) -> np.ndarray:
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 65535:
+        logger.warning(f"{name}: integer pixel values span [{lo}, {hi}]; clipping to [0, 65535]")
+    return np.clip(arr, 0, 65535).astype(np.uint16)
+
+
+def _pil_to_pixels(im: Image.Image, name: str) -> _Pixels:
+    """Decode a loaded, upright PIL image of any mode into colour + alpha arrays."""
+    mode = im.mode
+    has_transparency = im.info.get("transparency") is not None
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA" if (has_transparency or mode == "PA") else "RGB")
+    elif mode in ("L", "RGB") and has_transparency:
+        # A tRNS colour key: PIL turns it into a real alpha channel.
+        im = im.convert("LA" if mode == "L" else "RGBA")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode == "La":
+        im = im.convert("LA")
+    elif mode == "RGBa":
+        im = im.convert("RGBA")
+    elif mode in ("CMYK", "RGBX", "YCbCr", "LAB", "HSV"):
+        # Without a colour-management pipeline the plain CMYK formula is the honest choice; any
+        # embedded CMYK profile does not describe the RGB result, so it is not carried over.
+        im = im.convert("RGB")
+    elif mode not in ("L", "LA", "RGB", "RGBA", *_SIXTEEN_BIT_MODES):
+        try:
+            im = im.convert("RGBA" if "A" in mode else "RGB")
+        except (ValueError, OSError) as e:
+            raise InvalidImageError(f"{name}: unsupported image mode {mode!r} ({e})") from e
+
+    icc = im.info.get("icc_profile") if mode != "CMYK" else None
+    arr = np.asarray(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return _Pixels(arr.astype(np.uint16)[..., None], None, 16, icc)
+    if im.mode == "I":
+        return _Pixels(_integer_to_uint16(arr, name)[..., None], None, 16, icc)
+    if im.mode == "F":
+        color = _check_float_array(arr.astype(np.float32), name)
+        return _Pixels(color[..., None], None, 16, icc)
+    color, alpha = _split_channels(arr, name)
+    return _Pixels(color, alpha, 8, icc)
+
+
+def _decode_bytes(data: bytes, name: str, max_pixels: int | None) -> _Pixels:
+    if not data:
+        raise InvalidImageError(f"{name}: file is empty (0 bytes)")
+    # Our own max_pixels is the limit; PIL's warning would only duplicate it (its hard error
+    # above 2 * Image.MAX_IMAGE_PIXELS is still reported below).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise InvalidImageError(
+                f"{name}: {e} (Pillow's own limit; raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
+            ) from e
+        except UnidentifiedImageError as e:
+            if data[:4] in (b"II*\x00", b"MM\x00*"):
+                # A TIFF layout Pillow cannot open (e.g. float RGB): OpenCV can. Its own pixel
+                # limit (CV_IO_MAX_IMAGE_PIXELS) guards the decode, ours is checked after.
+                pixels = _decode_with_cv2(data, name, orientation=1)
+                _check_pixels(pixels.color.shape[1], pixels.color.shape[0], name, max_pixels)
+                pixels.format = "TIFF"
+                return pixels
+            raise InvalidImageError(
+                f"{name}: cannot identify the image format: not an image, an unsupported "
+                f"format or a damaged header ({len(data)} bytes)"
+            ) from e
+        except Exception as e:
+            raise InvalidImageError(
+                f"{name}: cannot read image header ({type(e).__name__}: {e})"
+            ) from e
+        with im:
+            _check_pixels(im.width, im.height, name, max_pixels)
+            with contextlib.suppress(Exception):  # counting frames may walk a damaged file
+                if getattr(im, "n_frames", 1) > 1:
+                    logger.info(f"{name}: has {im.n_frames} frames; using the first")
+            file_format = im.format
+            icc = im.info.get("icc_profile")
+            if _file_bit_depth(im, data) == 16 and im.mode not in _SIXTEEN_BIT_MODES:
+                if im.format == "PNG":
+                    # PIL's PNG getexif() would decode the whole image (to 8 bits) to find a
+                    # trailing eXIf chunk; reading the chunk directly avoids that second decode.
+                    orientation = _png_exif_orientation(data, name)
+                else:
+                    orientation = _exif_orientation(im, name)
+                if im.format == "TIFF" and orientation != 1:
+                    data = _tiff_without_orientation(data)
+                pixels = _decode_with_cv2(data, name, orientation)
+                pixels.icc_profile = icc
+            else:
+                try:
+                    im.load()  # force the full decode so truncated data fails here, not later
+                except Exception as e:
+                    raise InvalidImageError(
+                        f"{name}: image data is truncated or corrupt ({type(e).__name__}: {e})"
+                    ) from e
+                orientation = _exif_orientation(im, name)
+                if orientation != 1:
+                    im = im.transpose(_ORIENTATION_TO_TRANSPOSE[orientation])
+                pixels = _pil_to_pixels(im, name)
+    pixels.format = file_format
+    return pixels
+
+
+def _check_float_array(arr: np.ndarray, name: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise InvalidImageError(f"{name}: contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    _check_range(lo, hi, name)
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _check_range(lo: float, hi: float, name: str) -> None:
+    if lo >= -_RANGE_TOLERANCE and hi <= 1.0 + _RANGE_TOLERANCE:
+        return
+    if lo >= -_RANGE_TOLERANCE and hi <= 255.0 + _RANGE_TOLERANCE:
+        hint = "it looks like [0, 255]: divide by 255"
+    elif lo >= -1.0 - _RANGE_TOLERANCE and hi <= 1.0 + _RANGE_TOLERANCE:
+        hint = "it looks like [-1, 1]: use (x + 1) / 2"
+    else:
+        hint = "rescale it to [0, 1]"
+    raise InvalidImageError(
+        f"{name}: float values span [{lo:.4g}, {hi:.4g}] but must lie in [0, 1]; {hint}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays and tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_float_from_numpy(arr: np.ndarray, name: str) -> tuple[np.ndarray, int]:
+    """Any accepted numpy dtype -> float32 in [0, 1], plus the bit depth it implies."""
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0, 8
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0, 16
+    if arr.dtype in (np.float16, np.float32, np.float64):
+        return _check_float_array(arr.astype(np.float32, copy=False), f"`{name}`"), 16
+    raise TypeError(
+        f"`{name}` has dtype {arr.dtype}; allowed: uint8, uint16, or float16/32/64 in [0, 1]"
+    )
+
+
+def _numpy_to_pixels(arr: np.ndarray, name: str) -> _Pixels:
+    """HW or HWC numpy image (C in 1..4) -> _Pixels in float32."""
+    if arr.ndim not in (2, 3):
+        raise InvalidImageError(
+            f"`{name}` has shape {arr.shape}; expected HW or HWC (C = 1, 2, 3 or 4)"
+        )
+    if arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4):
+        hint = (
+            "; it looks like CHW: use arr.transpose(1, 2, 0)" if arr.shape[0] in (1, 3, 4) else ""
+        )
+        raise InvalidImageError(
+            f"`{name}` has shape {arr.shape}; numpy images are HWC with C = 1, 2, 3 or 4{hint}"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InvalidImageError(f"`{name}` has zero size (shape {arr.shape})")
+    if arr.dtype.byteorder not in ("=", "|"):
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype == np.uint8 or arr.dtype == np.uint16:
+        # Integers stay integers until they are on the target device: less to copy.
+        color, alpha = _split_channels(arr, name)
+        return _Pixels(color, alpha, 8 if arr.dtype == np.uint8 else 16)
+    unit, depth = _unit_float_from_numpy(arr, name)
+    color, alpha = _split_channels(unit, name)
+    return _Pixels(color, alpha, depth)
+
+
+def _tensor_to_unit_float(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
+    """Any accepted torch dtype -> float32 in [0, 1] (same device), plus the bit depth."""
+    if t.dtype == torch.uint8:
+        return t.to(torch.float32) / 255.0, 8
+    if t.dtype == torch.uint16:  # bare-bones dtype off the CPU: convert there
+        return (t.cpu().to(torch.float32) / 65535.0).to(t.device), 16
+    if t.dtype.is_floating_point:
+        t = t.to(torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidImageError(f"`{name}` contains NaN or infinite values")
+        _check_range(float(t.min()), float(t.max()), f"`{name}`")
+        return t.clamp(0.0, 1.0), 16
+    raise TypeError(
+        f"`{name}` has dtype {t.dtype}; allowed: uint8, uint16, or a float dtype in [0, 1]"
+    )
+
+
+def _tensor_to_nchw(t: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """HW / CHW / NCHW tensor (C in 1..4) -> (N,3,H,W) float32, (N,1,H,W) alpha or None, depth."""
+    if t.ndim == 2:
+        t = t[None, None]
+    elif t.ndim == 3:
+        t = t[None]
+    elif t.ndim != 4:
+        raise InvalidImageError(
+            f"`{name}` has shape {tuple(t.shape)}; expected HW, CHW or NCHW (C = 1, 2, 3 or 4)"
+        )
+    channels = t.shape[1]
+    if channels not in (1, 2, 3, 4):
+        hint = "; it looks like HWC: use t.permute(2, 0, 1)" if t.shape[-1] in (1, 3, 4) else ""
+        raise InvalidImageError(
+            f"`{name}` has shape {tuple(t.shape)}; tensors are CHW/NCHW with C = 1, 2, 3 or 4{hint}"
+        )
+    if t.numel() == 0:
+        raise InvalidImageError(f"`{name}` has zero size (shape {tuple(t.shape)})")
+    t, depth = _tensor_to_unit_float(t.detach(), name)
+    alpha = None
+    if channels in (2, 4):
+        alpha = t[:, -1:].contiguous()
+        t = t[:, :-1]
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)
+    return t.contiguous(), alpha, depth
+
+
+def _unit_tensor(arr: np.ndarray, device: torch.device | str | None, channels: int) -> torch.Tensor:
+    """HxWxC uint8 / uint16 / float32 array -> (1, channels, H, W) float32 in [0, 1].
+
+    Integers travel to the device as integers (less to copy), and the layout change, the type
+    conversion and the broadcast of grayscale to RGB happen in one strided copy.
+    """
+    if not arr.flags.writeable:  # np.asarray(PIL image) is read-only; torch warns about it
+        arr = arr.copy()
+    src = torch.from_numpy(np.ascontiguousarray(arr))
+    # torch.uint16 has only bare-bones kernels off the CPU: 16-bit data is converted here first.
+    if arr.dtype != np.uint16:
+        src = src.to(device)
+    out = torch.empty((1, channels, *arr.shape[:2]), dtype=torch.float32, device=src.device)
+    out[0].copy_(src.permute(2, 0, 1).expand(channels, -1, -1))
+    if arr.dtype == np.uint8:
+        out.div_(255.0)
+    elif arr.dtype == np.uint16:
+        out = out.div_(65535.0).to(device)
+    return out
+
+
+def _pixels_to_loaded(
+    pixels: _Pixels, source: Path | None, device: torch.device | str | None
+) -> LoadedImage:
+    alpha = None
+    if pixels.alpha is not None:
+        alpha = _unit_tensor(pixels.alpha[..., None], device, 1)
+    return LoadedImage(
+        tensor=_unit_tensor(pixels.color, device, 3),
+        alpha=alpha,
+        bit_depth=pixels.bit_depth,
+        source=source,
+        format=pixels.format,
+        icc_profile=pixels.icc_profile,
+        grayscale=pixels.color.shape[2] == 1,
+    )
+
+
+def load_image(
+    src: ImageInput | LoadedImage,
+    *,
+    device: torch.device | str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> LoadedImage:
+    """Read one image into the library's data contract.
+
+    Files are fully decoded here, so truncated or corrupt data fails now with a clear message
+    rather than deep inside a pipeline. EXIF orientation is applied (the result is upright).
+    16-bit PNG/TIFF keep all 16 bits (RGB ones are decoded with OpenCV, because Pillow reduces
+    them to 8 bits). Grayscale is replicated to RGB; palette images with transparency and
+    RGBA/LA images keep their alpha in :attr:`LoadedImage.alpha`; CMYK becomes RGB; Pillow's
+    32-bit "I" mode is read as 16-bit values (clipped to [0, 65535]) and "F" as floats in [0, 1].
+
+    Args:
+        src (path, `bytes`, binary file, `PIL.Image.Image`, `np.ndarray` or `torch.Tensor`):
+            The image. Arrays are HW or HWC (C = 1, 2, 3 or 4; channel 2 or 4 is alpha) with dtype
+            uint8, uint16 or float in [0, 1]; tensors are HW, CHW or 1CHW with the same rules.
+            A :class:`LoadedImage` is returned unchanged (moved to `device` if given).
+        device (`torch.device` or `str`, *optional*):
+            Where to put the tensors; CPU by default (a tensor input keeps its device).
+        max_pixels (`int` or `None`, defaults to `DEFAULT_MAX_PIXELS`):
+            Refuse files or PIL images with more than this many pixels (decompression bombs);
+            `None` disables the check. Pillow's own hard limit (twice
+            ``PIL.Image.MAX_IMAGE_PIXELS``) still applies to files.
+
+    Returns:
+        :class:`LoadedImage`: `tensor` (1, 3, H, W) float32 in [0, 1], `alpha` (1, 1, H, W) or
+        `None`, `bit_depth`, `source`, `format` and `icc_profile`.
+
+    Raises:
+        InvalidImageError: missing, empty, truncated, corrupt, zero-sized or too large files,
+            files that are not images, arrays or tensors with a wrong shape or value range.
+        TypeError: an unsupported input type or array/tensor dtype.
+    """
+    if isinstance(src, LoadedImage):
+        return src.to(device) if device is not None else src
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        return _pixels_to_loaded(
+            _decode_bytes(_read_file(path), str(path), max_pixels), path, device
+        )
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        pixels = _decode_bytes(bytes(src), "<bytes>", max_pixels)
+        return _pixels_to_loaded(pixels, None, device)
+    if hasattr(src, "read"):
+        name = str(getattr(src, "name", "<file object>"))
+        data = src.read()
+        if not isinstance(data, bytes):
+            raise TypeError(f"`src` file object {name} must be opened in binary mode ('rb')")
+        return _pixels_to_loaded(_decode_bytes(data, name, max_pixels), None, device)
+    if isinstance(src, Image.Image):
+        return _pixels_to_loaded(_decode_pil(src, max_pixels), None, device)
+    if isinstance(src, np.ndarray):
+        return _pixels_to_loaded(_numpy_to_pixels(src, "src"), None, device)
+    if isinstance(src, torch.Tensor):
+        if src.ndim == 4 and src.shape[0] != 1:
+            raise InvalidImageError(
+                f"`src` holds a batch of {src.shape[0]} images; load_image takes one "
+                "(use to_tensor for batches)"
+            )
+        tensor, alpha, depth = _tensor_to_nchw(src, "src")
+        if device is not None:
+            tensor = tensor.to(device)
+            alpha = alpha.to(device) if alpha is not None else None
+        gray = src.ndim == 2 or src.shape[-3] in (1, 2)
+        return LoadedImage(tensor=tensor, alpha=alpha, bit_depth=depth, grayscale=gray)
+    raise TypeError(
+        f"`src` has type {type(src).__name__}; expected a path, bytes, a binary file, "
+        "a PIL image, a numpy array or a torch tensor"
+    )
+
+
+def _read_file(path: Path) -> bytes:
+    if not path.exists():
+        raise InvalidImageError(f"{path}: file does not exist")
+    if path.is_dir():
+        raise InvalidImageError(f"{path}: is a folder, not an image file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InvalidImageError(f"{path}: cannot read file ({e.strerror or e})") from e
+
+
+def _decode_pil(im: Image.Image, max_pixels: int | None) -> _Pixels:
+    name = str(getattr(im, "filename", "") or "<PIL image>")
+    _check_pixels(im.width, im.height, name, max_pixels)
+    try:
+        im.load()
+    except Exception as e:
+        raise InvalidImageError(
+            f"{name}: image data is truncated or corrupt ({type(e).__name__}: {e})"
+        ) from e
+    orientation = _exif_orientation(im, name)
+    if orientation != 1:
+        im = im.transpose(_ORIENTATION_TO_TRANSPOSE[orientation])
+    pixels = _pil_to_pixels(im, name)
+    pixels.format = im.format
+    return pixels
+
+
+def to_tensor(
+    images: ImageInput | LoadedImage | Sequence[ImageInput | LoadedImage],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Convert one image or a list of same-sized images into one RGB batch.
+
+    Alpha channels are dropped here (use :func:`load_image` to keep them).
+
+    Args:
+        images:
+            A path, bytes, PIL image, numpy array (HW, HWC or NHWC; uint8, uint16 or float in
+            [0, 1]), torch tensor (HW, CHW or NCHW; same dtypes), :class:`LoadedImage`, or a
+            list/tuple of those. All images must have the same height and width.
+        device (`torch.device` or `str`, *optional*):
+            Target device. By default tensors keep their device and everything else is on CPU.
+
+    Returns:
+        `torch.Tensor`: shape (N, 3, H, W), float32, values in [0, 1].
+
+    Raises:
+        InvalidImageError: an unreadable file, a wrong shape or value range, or images of
+            different sizes in one list.
+        TypeError: an unsupported input type or dtype.
+    """
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise InvalidImageError("`images` is an empty list; give at least one image")
+        batches = [_to_batch(item, f"images[{i}]", device) for i, item in enumerate(images)]
+        first = batches[0].shape[-2:]
+        for i, b in enumerate(batches):
+            if b.shape[-2:] != first:
+                raise InvalidImageError(
+                    f"`images[{i}]` is {b.shape[-1]}x{b.shape[-2]} but `images[0]` is "
+                    f"{first[1]}x{first[0]}; a batch needs images of one size"
+                )
+        if len({b.device for b in batches}) > 1:
+            batches = [b.to(batches[0].device) for b in batches]
+        return torch.cat(batches, dim=0)
+    return _to_batch(images, "images", device)
+
+
+def _to_batch(item: Any, name: str, device: torch.device | str | None) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        tensor, _, _ = _tensor_to_nchw(item, name)
+        return tensor.to(device) if device is not None else tensor
+    if isinstance(item, np.ndarray) and item.ndim == 4:
+        return torch.cat([_to_batch(a, f"{name}[{i}]", device) for i, a in enumerate(item)])
+    if isinstance(item, np.ndarray):
+        return _pixels_to_loaded(_numpy_to_pixels(item, name), None, device).tensor
+    return load_image(item, device=device).tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors out
+# --------------------------------------------------------------------------------------------
+
+
+def _as_nchw_float(t: torch.Tensor, name: str) -> torch.Tensor:
+    """CHW or NCHW float/uint tensor (any C) -> NCHW float32 on CPU, clamped to [0, 1]."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim == 2:
+        t = t[None, None]
+    elif t.ndim == 3:
+        t = t[None]
+    elif t.ndim != 4:
+        raise InvalidImageError(f"`{name}` has shape {tuple(t.shape)}; expected CHW or NCHW")
+    if t.shape[1] not in (1, 2, 3, 4):
+        raise InvalidImageError(
+            f"`{name}` has shape {tuple(t.shape)}; channels must be 1, 2, 3 or 4 (NCHW)"
+        )
+    out, _ = _tensor_to_unit_float(t.detach().cpu(), name)
+    return out
+
+
+def to_pil(images: torch.Tensor, alpha: torch.Tensor | None = None) -> list[Image.Image]:
+    """Convert a batch of images to 8-bit PIL images.
+
+    Args:
+        images (`torch.Tensor`):
+            (N, C, H, W) or (C, H, W), C = 1 (grayscale, "L"), 3 ("RGB") or 4 ("RGBA"), float in
+            [0, 1] (or uint8/uint16).
+        alpha (`torch.Tensor`, *optional*):
+            (N, 1, H, W) alpha to attach (RGB becomes "RGBA", grayscale "LA").
+
+    Returns:
+        `list[PIL.Image.Image]`: one image per batch item.
+    """
+    x = _as_nchw_float(images, "images")
+    if alpha is not None:
+        a = _as_nchw_float(alpha, "alpha")
+        if a.shape[1] != 1 or a.shape[-2:] != x.shape[-2:] or a.shape[0] not in (1, x.shape[0]):
+            raise InvalidImageError(
+                f"`alpha` has shape {tuple(a.shape)}; expected (N, 1, {x.shape[-2]}, {x.shape[-1]})"
+            )
+        x = torch.cat([x, a.expand(x.shape[0], -1, -1, -1)], dim=1)
+    arr = _quantize(x, 8)
+    modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+    return [Image.fromarray(a if a.shape[2] > 1 else a[..., 0], modes[a.shape[2]]) for a in arr]
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """Convert a (N, C, H, W) or (C, H, W) tensor to a float32 NHWC numpy array on the CPU.
+
+    Args:
+        images (`torch.Tensor`): the images, float in [0, 1] (or uint8/uint16).
+
+    Returns:
+        `np.ndarray`: shape (N, H, W, C), float32, values in [0, 1].
+    """
+    return _as_nchw_float(images, "images").permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _quantize(x: torch.Tensor, bit_depth: int) -> np.ndarray:
+    """NCHW float in [0, 1] -> NHWC uint8/uint16 numpy, round to nearest."""
+    peak = 255.0 if bit_depth == 8 else 65535.0
+    q = (x.to(torch.float32) * peak).round_().clamp_(0.0, peak)
+    # Narrow before the NCHW -> NHWC copy: it moves 1 or 2 bytes per value instead of 4.
+    q = q.to(torch.uint8 if bit_depth == 8 else torch.uint16)
+    return q.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def resize_alpha(
+    alpha: torch.Tensor | None, size: tuple[int, int], *, antialias: bool = True
+) -> torch.Tensor | None:
+    """Resize an alpha channel to the output size, the way images are resized (bicubic).
+
+    Use it when a stage changed the image size (e.g. a x4 prior): the input's alpha is brought
+    to the output size and clamped back to [0, 1] (bicubic overshoots at hard edges).
+
+    Args:
+        alpha (`torch.Tensor` or `None`): (N, 1, h, w) or (1, h, w) alpha in [0, 1]; `None` is
+            passed through.
+        size (`tuple[int, int]`): target (height, width).
+        antialias (`bool`, defaults to `True`): low-pass when shrinking, as PIL does.
+
+    Returns:
+        `torch.Tensor` or `None`: (N, 1, height, width) float alpha, or `None`.
+    """
+    if alpha is None:
+        return None
+    if len(size) != 2 or min(int(s) for s in size) <= 0:
+        raise ValueError(f"`size` must be (height, width) with positive sides, got {size!r}")
+    size = (int(size[0]), int(size[1]))
+    a = alpha[None] if alpha.ndim == 3 else alpha
+    if a.ndim != 4 or a.shape[1] != 1:
+        raise ValueError(f"`alpha` must have shape (N, 1, h, w), got {tuple(alpha.shape)}")
+    if tuple(a.shape[-2:]) == size:
+        return a
+    dtype = a.dtype if a.dtype.is_floating_point else torch.float32
+    out = F.interpolate(
+        a.to(torch.float32), size=size, mode="bicubic", align_corners=False, antialias=antialias
+    )
+    return out.clamp_(0.0, 1.0).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike,
+    mode: str = "wb",
+    *,
+    encoding: str | None = None,
+    newline: str | None = None,
+) -> Iterator[IO[Any]]:
+    """Write a file so that it appears complete under its final name, or not at all.
+
+    The data goes to a hidden temporary file in the same folder, which is flushed, synced and
+    then renamed over `path` with ``os.replace`` (atomic on POSIX and Windows). If the body of
+    the ``with`` block raises, the temporary file is removed and `path` is left as it was.
+    Missing parent folders are created. The file gets the usual permissions (umask applies).
+
+    Args:
+        path (`str` or `os.PathLike`): the final file name.
+        mode (`str`, defaults to `"wb"`): `"wb"` for bytes, `"w"` (or `"wt"`) for text.
+        encoding (`str`, *optional*): text encoding; UTF-8 by default in text mode.
+        newline (`str`, *optional*): passed to `open` in text mode (e.g. `""` for csv).
+
+    Yields:
+        The open file object.
+
+    Example:
+        ```py
+        with atomic_write("out/report.json", "w") as f:
+            json.dump(results, f)
+        ```
+    """
+    if mode not in ("w", "wt", "wb"):
+        raise ValueError(f"`mode` must be 'w', 'wt' or 'wb' (a whole new file), got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the umask decide the permissions, unlike tempfile's 0o600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        if "b" in mode:
+            f = os.fdopen(fd, "wb")
+        else:
+            f = os.fdopen(fd, "w", encoding=encoding or "utf-8", newline=newline)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _image_format_for(path: Path) -> str:
+    fmt = _SUFFIX_TO_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"`path` {path} has suffix {path.suffix!r}; allowed: {', '.join(IMAGE_SUFFIXES)}"
+        )
+    return fmt
+
+
+def _png_with_icc(png: bytes, icc_profile: bytes) -> bytes:
+    """Insert an iCCP chunk right after IHDR (OpenCV cannot embed profiles itself)."""
+    body = b"icc\x00\x00" + zlib.compress(icc_profile)
+    chunk = struct.pack(">I", len(body)) + b"iCCP" + body
+    chunk += struct.pack(">I", zlib.crc32(b"iCCP" + body) & 0xFFFFFFFF)
+    ihdr_end = 8 + 4 + 4 + 13 + 4  # signature, length, type, IHDR data, CRC
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def _encode_16bit(arr: np.ndarray, fmt: str, icc_profile: bytes | None, path: Path) -> bytes:
+    cv2 = _import_cv2()
+    channels = arr.shape[2]
+    if channels == 1:
+        arr = arr[..., 0]
+    elif channels == 2:  # OpenCV writes 1, 3 or 4 channels: gray + alpha becomes BGRA
+        arr = np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2)
+    elif channels == 3:
+        arr = arr[..., ::-1]
+    else:
+        arr = arr[..., [2, 1, 0, 3]]
+    arr = np.ascontiguousarray(arr)
+    if fmt == "PNG":
+        ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, _PNG_COMPRESS_LEVEL])
+    else:
+        ok, buf = cv2.imencode(".tiff", arr)
+    if not ok:
+        raise OSError(f"{path}: OpenCV failed to encode a 16-bit {fmt}")
+    data = buf.tobytes()
+    if icc_profile:
+        if fmt == "PNG":
+            data = _png_with_icc(data, icc_profile)
+        else:
+            logger.warning(f"{path}: the ICC profile is not embedded in 16-bit TIFF output")
+    return data
+
+
+def save_image(
+    image: torch.Tensor | LoadedImage | Image.Image | np.ndarray,
+    path: str | os.PathLike,
+    *,
+    bit_depth: int | None = None,
+    alpha: torch.Tensor | np.ndarray | None = None,
+    quality: int = 95,
+    icc_profile: bytes | None = None,
+) -> Path:
+    """Write one image atomically; the format comes from the suffix of `path`.
+
+    PNG and TIFF are written with 8 or 16 bits per channel. JPEG, WebP and BMP are 8-bit
+    only: asking for 16 bits there logs a warning and writes 8 bits. Alpha is written where the
+    format supports it (PNG, WebP, TIFF, BMP); JPEG has no alpha, so it is dropped with a logged
+    warning. The file appears complete under `path` or not at all (see :func:`atomic_write`).
+
+    Args:
+        image (`torch.Tensor`, :class:`LoadedImage`, `PIL.Image.Image` or `np.ndarray`):
+            One image. Tensors are (1, C, H, W) or (C, H, W) with C = 1 (written as grayscale),
+            3 (RGB) or 4 (RGBA), float in [0, 1] (slight overshoot is clamped). A
+            :class:`LoadedImage` brings its alpha, bit depth and ICC profile along; arrays follow
+            :func:`load_image`'s rules.
+        path (`str` or `os.PathLike`):
+            Output file; suffix .png, .jpg/.jpeg, .webp, .tif/.tiff or .bmp. Parent folders are
+            created.
+        bit_depth (`int`, *optional*):
+            8 or 16. By default the input's own depth for a :class:`LoadedImage`, a uint16 array
+            or a 16-bit PIL image, and 8 otherwise.
+        alpha (`torch.Tensor` or `np.ndarray`, *optional*):
+            (1, 1, H, W), (1, H, W) or (H, W) alpha in [0, 1] (or uint8/uint16) at the image's
+            size; use :func:`resize_alpha` first if the image was rescaled.
+        quality (`int`, defaults to 95):
+            JPEG/WebP quality, 1-100. At 90 and above JPEG keeps full chroma resolution (4:4:4);
+            WebP at 100 is lossless.
+        icc_profile (`bytes`, *optional*):
+            ICC profile to embed (defaults to a :class:`LoadedImage`'s own). Not embedded in
+            16-bit TIFF or in BMP.
+
+    Returns:
+        `pathlib.Path`: the written path.
+    """
+    path = Path(path)
+    fmt = _image_format_for(path)
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"`quality` must be in 1..100, got {quality}")
+    if bit_depth not in (None, 8, 16):
+        raise ValueError(f"`bit_depth` must be 8 or 16, got {bit_depth!r}")
+
+    x, own_alpha, own_depth, own_icc = _image_for_saving(image)
+    if alpha is not None and own_alpha is not None:
+        raise ValueError("`alpha` was given but `image` already has an alpha channel")
+    a = own_alpha if alpha is None else _alpha_for_saving(alpha, x.shape[-2:])
+    depth = bit_depth if bit_depth is not None else own_depth
+    icc = icc_profile if icc_profile is not None else own_icc
+
+    if depth == 16 and fmt not in _SIXTEEN_BIT_FORMATS:
+        logger.warning(f"{path}: {fmt} holds 8 bits per channel only; writing 8-bit")
+        depth = 8
+    if a is not None and fmt not in _ALPHA_FORMATS:
+        logger.warning(f"{path}: {fmt} has no alpha channel; the alpha is dropped")
+        a = None
+    if a is not None:
+        x = torch.cat([x, a], dim=1)
+    arr = _quantize(x, depth)[0]
+
+    if depth == 16:
+        data = _encode_16bit(arr, fmt, icc, path)
+        with atomic_write(path, "wb") as f:
+            f.write(data)
+        return path
+
+    modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+    pil = Image.fromarray(arr if arr.shape[2] > 1 else arr[..., 0], modes[arr.shape[2]])
+    params: dict[str, Any] = {}
+    if icc and fmt != "BMP":
+        params["icc_profile"] = icc
+    if fmt == "JPEG":
+        params.update(quality=int(quality), subsampling=0 if quality >= 90 else 2)
+    elif fmt == "WEBP":
+        params.update(quality=int(quality), lossless=quality == 100, method=4)
+        if pil.mode in ("L", "LA"):
+            pil = pil.convert("RGBA" if pil.mode == "LA" else "RGB")
+    elif fmt == "PNG":
+        params.update(compress_level=_PNG_COMPRESS_LEVEL)
+    elif fmt == "TIFF":
+        params.update(compression="tiff_adobe_deflate")
+    elif fmt == "BMP" and pil.mode == "LA":
+        pil = pil.convert("RGBA")
+    with atomic_write(path, "wb") as f:
+        pil.save(f, format=fmt, **params)
+    return path
+
+
+def _image_for_saving(
+    image: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None, int, bytes | None]:
+    """-> (1, C, H, W) float colour (C = 1 or 3), (1, 1, H, W) alpha or None, depth, ICC."""
+    if isinstance(image, LoadedImage):
+        return (
+            _as_nchw_float(image.tensor, "image"),
+            (_as_nchw_float(image.alpha, "image.alpha") if image.alpha is not None else None),
+            image.bit_depth,
+            image.icc_profile,
+        )
+    if isinstance(image, torch.Tensor):
+        x = _as_nchw_float(image, "image")
+        own_depth = 8
+    elif isinstance(image, (np.ndarray, Image.Image)):
+        pixels = (
+            _numpy_to_pixels(image, "image")
+            if isinstance(image, np.ndarray)
+            else (_decode_pil(image, None))
+        )
+        loaded = _pixels_to_loaded(pixels, None, None)
+        gray = pixels.color.shape[2] == 1
+        x = loaded.tensor[:, :1] if gray else loaded.tensor
+        if loaded.alpha is not None:
+            x = torch.cat([x, loaded.alpha], dim=1)
+        own_depth = (
+            16
+            if pixels.bit_depth == 16
+            and (isinstance(image, Image.Image) or image.dtype == np.uint16)
+            else 8
+        )
+        icc = pixels.icc_profile
+        return _split_saved_alpha(x) + (own_depth, icc)
+    else:
+        raise TypeError(
+            f"`image` has type {type(image).__name__}; expected a tensor, LoadedImage, PIL image "
+            "or numpy array"
+        )
+    if x.shape[0] != 1:
+        raise InvalidImageError(
+            f"`image` holds {x.shape[0]} images; save_image writes one (loop over the batch)"
+        )
+    return _split_saved_alpha(x) + (own_depth, None)
+
+
+def _split_saved_alpha(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if x.shape[1] in (2, 4):
+        return x[:, :-1], x[:, -1:]
+    return x, None
+
+
+def _alpha_for_saving(alpha: torch.Tensor | np.ndarray, size: torch.Size) -> torch.Tensor:
+    if isinstance(alpha, np.ndarray):
+        if alpha.ndim == 3 and alpha.shape[2] == 1:
+            alpha = alpha[..., 0]
+        if alpha.ndim != 2:
+            raise InvalidImageError(f"`alpha` array has shape {alpha.shape}; expected HW")
+        unit, _ = _unit_float_from_numpy(alpha, "alpha")
+        a = torch.from_numpy(np.ascontiguousarray(unit))[None, None]
+    elif isinstance(alpha, torch.Tensor):
+        a = _as_nchw_float(alpha, "alpha")
+    else:
+        raise TypeError(f"`alpha` must be a tensor or numpy array, got {type(alpha).__name__}")
+    if a.shape[0] != 1 or a.shape[1] != 1 or a.shape[-2:] != size:
+        raise InvalidImageError(
+            f"`alpha` has shape {tuple(a.shape)} but the image is {size[1]}x{size[0]}; expected "
+            f"(1, 1, {size[0]}, {size[1]}) (use resize_alpha after rescaling)"
+        )
+    return a
+
+
+# --------------------------------------------------------------------------------------------
+# Finding files
+# --------------------------------------------------------------------------------------------
+
+
+def _scan_folder(folder: Path, recursive: bool) -> list[Path]:
+    found = []
+    if recursive:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found.extend(Path(dirpath) / f for f in filenames)
+    else:
+        found = [p for p in folder.iterdir() if p.is_file()]
+    return [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+
+
+def find_images(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike], *, recursive: bool = True
+) -> list[Path]:
+    """Expand files, folders and glob patterns into a sorted list of image files.
+
+    Folders are searched (recursively by default) and glob patterns (``*``, ``?``, ``[...]``,
+    ``**``; folders they match are searched too) expanded, keeping files whose suffix is in
+    :data:`IMAGE_SUFFIXES` (any letter case) and skipping hidden files and folders (names starting
+    with ".", e.g. macOS "._x.jpg" and unfinished atomic writes). A file named explicitly is kept
+    whatever its suffix: the user asked for it, and reading it reports any problem. ``~`` is
+    expanded.
+
+    Args:
+        inputs (`str`, `os.PathLike` or a list of them): files, folders and glob patterns.
+        recursive (`bool`, defaults to `True`): search sub-folders of folders.
+
+    Returns:
+        `list[pathlib.Path]`: the images, sorted, each once.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a pattern that matches no image.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: dict[Path, Path] = {}
+    for item in inputs:
+        text = os.path.expanduser(os.fspath(item))
+        path = Path(text)
+        if path.is_dir():
+            matches = _scan_folder(path, recursive)
+        elif path.is_file():
+            matches = [path]
+        elif _GLOB_CHARS & set(text):
+            matches = []
+            for m in map(Path, sorted(glob.glob(text, recursive=True))):
+                if m.is_dir():  # "photos/*" also means the images inside sub-folders
+                    matches.extend(_scan_folder(m, recursive))
+                elif m.suffix.lower() in IMAGE_SUFFIXES and not m.name.startswith("."):
+                    matches.append(m)
+            if not matches:
+                raise FileNotFoundError(f"{text}: pattern matches no image files")
+        else:
+            raise FileNotFoundError(f"{text}: no such file or folder")
+        for m in matches:
+            found.setdefault(m.resolve(), m)
+    return sorted(found.values())
+
+
+def output_paths(
+    paths: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    suffix: str | None = None,
+) -> list[Path]:
+    """Map input images to output paths under `output_dir`, mirroring their sub-folders.
+
+    Paths are taken relative to the deepest folder that holds all inputs, so
+    ``in/a.png, in/sub/b.png -> out/a.png, out/sub/b.png`` and two inputs never share an output.
+
+    Args:
+        paths (`list` of paths): the inputs, e.g. from :func:`find_images`.
+        output_dir (`str` or `os.PathLike`): the output folder.
+        suffix (`str`, *optional*): replace each suffix (e.g. ".png"); keep it by default.
+
+    Returns:
+        `list[pathlib.Path]`: one output path per input, in the same order.
+
+    Raises:
+        ValueError: an unsupported `suffix`, or two inputs that would be written to one file
+            (e.g. ``a.jpg`` and ``a.png`` with ``suffix=".png"``).
+    """
+    if suffix is not None:
+        suffix = suffix if suffix.startswith(".") else f".{suffix}"
+        if suffix.lower() not in _SUFFIX_TO_FORMAT:
+            raise ValueError(f"`suffix` must be one of {', '.join(IMAGE_SUFFIXES)}, got {suffix!r}")
+    absolute = [Path(p).absolute() for p in paths]
+    if not absolute:
+        return []
+    try:
+        root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+        rels = [p.relative_to(root) for p in absolute]
+    except ValueError:  # different drives on Windows: fall back to the names
+        rels = [Path(p.name) for p in absolute]
+    out_dir = Path(output_dir)
+    outputs = [out_dir / (r.with_suffix(suffix) if suffix else r) for r in rels]
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(paths, outputs, strict=True):
+        if dst in seen:
+            raise ValueError(f"{seen[dst]} and {src} would both be written to {dst}")
+        seen[dst] = Path(src)
+    return outputs
