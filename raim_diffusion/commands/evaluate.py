@@ -1,0 +1,98 @@
+"""``raim eval``: challenge metrics and SCORE for a folder of restored images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_DESCRIPTION = """\
+Compute PSNR, SSIM, LPIPS, DISTS and NIQE (pyiqa, challenge conventions) for every image in
+--pred against the file with the same name stem in --gt, print a per-image table and the
+summary, and the challenge SCORE when all five metrics are computed:
+  SCORE = 20*PSNR/50 + 15*(SSIM-0.5)/0.5 + 20*(1-LPIPS)/0.4 + 40*(1-DISTS)/0.3 + 30*(1-NIQE)/10
+Without --gt only NIQE (no-reference) is computed. Nothing is downloaded: weights are read
+from --weights-dir or the torch hub cache ($TORCH_HOME/hub/pyiqa, $TORCH_HOME/hub/checkpoints).
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``eval`` subcommand."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="challenge metrics (PSNR/SSIM/LPIPS/DISTS/NIQE) and SCORE of a folder",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--pred", required=True, metavar="DIR", help="restored images")
+    parser.add_argument("--gt", metavar="DIR", help="ground truths (paired by name stem)")
+    parser.add_argument(
+        "--metrics",
+        metavar="LIST",
+        help="comma-separated subset of psnr,ssim,lpips,dists,niqe "
+        "(default: all five with --gt, niqe without)",
+    )
+    parser.add_argument("--csv", metavar="PATH", help="write per-image values and the mean as CSV")
+    parser.add_argument(
+        "--json", metavar="PATH", help='write {"per_image": ..., "mean": ..., "score": ...}'
+    )
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images of equal size per batch")
+    parser.add_argument(
+        "--resize-pred",
+        action="store_true",
+        help="resize predictions to the ground-truth size (antialiased bicubic) instead of failing",
+    )
+    parser.add_argument("--weights-dir", metavar="DIR", help="folder holding metric weight files")
+    parser.add_argument(
+        "--crop-border", type=int, default=0, help="pixels cropped per side for PSNR/SSIM/NIQE"
+    )
+    parser.add_argument(
+        "--y-channel",
+        action="store_true",
+        help="PSNR on the luma channel too (default: RGB, as the challenge; SSIM/NIQE always luma)",
+    )
+    parser.add_argument(
+        "--lpips-net", choices=("alex", "vgg"), default="alex", help="LPIPS backbone (default alex)"
+    )
+    parser.add_argument("--summary-only", action="store_true", help="print only the mean row")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``raim eval``; returns 0, 1 if some images failed, 2 on a usage/pairing error."""
+    from ..errors import RaimError
+    from ..metrics.conventions import MetricConventions
+    from ..metrics.evaluate import evaluate_folders
+
+    try:
+        conventions = MetricConventions(
+            psnr_y_channel=args.y_channel, crop_border=args.crop_border, lpips_net=args.lpips_net
+        )
+        result = evaluate_folders(
+            args.pred,
+            args.gt,
+            metrics=args.metrics,
+            device=args.device,
+            conventions=conventions,
+            weights_dir=args.weights_dir,
+            batch_size=args.batch_size,
+            resize_pred=args.resize_pred,
+            progress=False if args.no_progress else None,
+        )
+    except (RaimError, ValueError, TypeError, ImportError) as exc:
+        print(f"raim eval: error: {exc}", file=sys.stderr)
+        return 2
+
+    print(result.format_table(per_image=not args.summary_only))
+    if result.score is None:
+        print("SCORE: not reported (it needs all of psnr, ssim, lpips, dists, niqe).")
+    else:
+        print(f"SCORE: {result.score:.4f}  (score of means == mean of per-image scores)")
+    if args.csv:
+        result.write_csv(args.csv)
+    if args.json:
+        result.write_json(args.json)
+    for name, why in result.failures.items():
+        print(f"raim eval: failed: {name}: {why}", file=sys.stderr)
+    return 1 if result.failures else 0

@@ -1,0 +1,135 @@
+"""``raim study``: build a blind user-study page, and score the judges' picks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_BUILD_HELP = """\
+Build one self-contained HTML page (images embedded, no network) showing each sample's input
+and every method's result in a seeded random order under hidden letters. Judges rank their
+top 3 with the mouse or keyboard and export a JSON of their picks. The mapping from letters
+to methods goes to a separate key file (--key, default PAGE.key.json): never give it to judges.
+"""
+
+_SCORE_HELP = """\
+Score judges' exports: S3 = 3/2/1 points for 1st/2nd/3rd picks, summed over samples and
+averaged over judges; S3n = min-max normalised S3; with --s2, final = 0.4*S2 + 0.6*S3n.
+Equal values share a rank (1, 2, 2, 4). Incomplete, duplicate or unknown picks are rejected,
+naming the judge file and the sample.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``study build`` and ``study score``."""
+    parser = subparsers.add_parser("study", help="blind user study: build the page, score picks")
+    actions = parser.add_subparsers(dest="study_action", metavar="ACTION")
+    parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])
+
+    build = actions.add_parser(
+        "build",
+        help="write the judging page and its key",
+        description=_BUILD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument("methods", nargs="+", metavar="METHOD_DIR", help="DIR or NAME=DIR")
+    build.add_argument("--input", required=True, metavar="DIR", help="low-quality inputs")
+    build.add_argument("-o", "--output", required=True, metavar="PAGE.html", help="page to write")
+    build.add_argument("--key", metavar="KEY.json", help="key file (default: PAGE.key.json)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the result order")
+    build.add_argument("--top-k", type=int, default=3, help="picks per sample (default 3)")
+    build.add_argument("--max-side", type=int, help="shrink embedded images to this longer side")
+    build.add_argument("--format", choices=("jpeg", "png"), default="jpeg", dest="image_format")
+    build.add_argument("--quality", type=int, default=92, help="JPEG quality")
+    build.add_argument("--title", default="Blind image restoration study")
+    build.set_defaults(func=run_build)
+
+    score = actions.add_parser(
+        "score",
+        help="score judges' exports",
+        description=_SCORE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("judges", nargs="+", metavar="JUDGE.json")
+    score.add_argument("--key", required=True, metavar="KEY.json")
+    score.add_argument(
+        "--s2", nargs="+", default=None, metavar="METHOD=VALUE", help="objective score per method"
+    )
+    score.add_argument(
+        "--normalize-s2", action="store_true", help="min-max normalise S2 before combining"
+    )
+    score.add_argument("--json", metavar="PATH", help="write the scores as JSON")
+    score.set_defaults(func=run_score)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen action."""
+    return int(args.func(args))
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """``raim study build``."""
+    import torch
+
+    from ..errors import RaimError
+    from ..metrics.study import write_study
+
+    page = Path(args.output)
+    key = Path(args.key) if args.key else page.with_suffix(".key.json")
+    try:
+        write_study(
+            page,
+            key,
+            args.methods,
+            args.input,
+            generator=torch.Generator().manual_seed(args.seed),
+            top_k=args.top_k,
+            max_side=args.max_side,
+            image_format=args.image_format,
+            quality=args.quality,
+            title=args.title,
+        )
+    except (RaimError, ValueError) as exc:
+        print(f"raim study build: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"page: {page}\nkey:  {key}  (keep it from the judges)")
+    return 0
+
+
+def _parse_s2(entries: list[str] | None) -> dict[str, float] | None:
+    if entries is None:
+        return None
+    out: dict[str, float] = {}
+    for entry in entries:
+        name, sep, value = entry.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--s2 {entry!r} must look like METHOD=NUMBER.") from None
+    return out
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``raim study score``."""
+    from ..errors import RaimError
+    from ..metrics._io import atomic_write
+    from ..metrics.study import score_study
+
+    try:
+        scores = score_study(
+            args.judges, args.key, _parse_s2(args.s2), normalize_s2=args.normalize_s2
+        )
+    except (RaimError, ValueError) as exc:
+        print(f"raim study score: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(scores.judges)} judge(s)")
+    print(scores.format_table())
+    if args.json:
+        with atomic_write(args.json, mode="w") as fh:
+            json.dump(scores.to_dict(), fh, indent=2)
+            fh.write("\n")
+    return 0
