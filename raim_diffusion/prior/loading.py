@@ -1,0 +1,225 @@
+"""``load_prior``: one entry point from a name, file, folder or list to a [`PriorModel`].
+
+Files are read without executing code: safetensors directly, PyTorch pickles only through
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers.utils import logging
+from spandrel import ImageModelDescriptor
+
+from raim_diffusion.errors import MissingWeightsError
+
+from .builtin import get_builtin, is_builtin, list_builtin, resolve_builtin
+from .model import PriorModel, descriptor_from_state_dict
+
+logger = logging.get_logger(__name__)
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+PriorSource = Union[str, os.PathLike, ImageModelDescriptor, PriorModel]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state dict from a ``.safetensors`` or PyTorch (``.pth``/``.pt``/``.ckpt``) file.
+
+    PyTorch files are loaded with ``weights_only=True``: tensors, numbers, strings and
+    containers only, never arbitrary pickled objects (which could run code on loading).
+
+    Args:
+        path (`str` or `os.PathLike`): The weights file.
+
+    Returns:
+        `dict`: The raw (not yet canonicalised) state dict, on the CPU.
+
+    Raises:
+        `MissingWeightsError`: If the file does not exist.
+        `ValueError`: If the suffix is not supported or the file cannot be read safely.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"prior weights {str(path)!r}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except (safetensors.SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    if suffix not in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path}: unsupported weights file suffix {path.suffix!r}; use one of "
+            f"{', '.join(WEIGHT_SUFFIXES)}"
+        )
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refusing to load; the file pickles Python objects other than tensors "
+            "(it may be a whole pickled model or a training checkpoint, and unpickling could "
+            "run arbitrary code). Re-save only the state dict, ideally as .safetensors"
+        ) from err
+    except RuntimeError as err:
+        if "TorchScript" in str(err):
+            raise ValueError(
+                f"{path}: TorchScript archives are not supported; export the state dict"
+            ) from err
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got "
+            f"{type(state).__name__}"
+        )
+    return state
+
+
+def load_descriptor(path: str | os.PathLike) -> ImageModelDescriptor:
+    """Load one weights file into a spandrel descriptor (architecture detected from weights).
+
+    Args:
+        path (`str` or `os.PathLike`): A ``.safetensors`` / ``.pth`` / ``.pt`` / ``.ckpt`` file.
+
+    Returns:
+        `spandrel.ImageModelDescriptor`: The model on the CPU in float32, in eval mode.
+    """
+    return descriptor_from_state_dict(read_state_dict(path), str(path))
+
+
+def _load_one(source: PriorSource) -> PriorModel:
+    if isinstance(source, PriorModel):
+        return source
+    if isinstance(source, ImageModelDescriptor):
+        return PriorModel.from_spandrel(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            "name_or_path must be a built-in name, a weights file, a folder, a spandrel "
+            f"ImageModelDescriptor, a PriorModel or a list of these; got {type(source).__name__}"
+        )
+    if isinstance(source, str) and is_builtin(source):
+        entry = get_builtin(source)
+        descriptor = load_descriptor(resolve_builtin(source))
+        # animevideov3 x2/x3 are the x4 network plus a downscale: keep that as default outscale.
+        outscale = entry.scale if entry.scale != descriptor.scale else None
+        return PriorModel.from_spandrel(descriptor, outscale=outscale)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return PriorModel.from_pretrained(path)
+        if (path / "prior" / "config.json").is_file():
+            # A whole pipeline folder: take its prior component.
+            return PriorModel.from_pretrained(path, subfolder="prior")
+        raise MissingWeightsError(
+            f"prior folder {str(path)!r} has no config.json; expected a folder written by "
+            "PriorModel.save_pretrained (or a pipeline folder with a prior/ subfolder)"
+        )
+    if path.is_file():
+        return PriorModel.from_spandrel(load_descriptor(path))
+    raise MissingWeightsError(
+        f"prior {str(source)!r} is neither a built-in name nor an existing file or folder; pass "
+        f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), a folder saved by "
+        f"PriorModel.save_pretrained, or a built-in name: {', '.join(list_builtin())}"
+    )
+
+
+def _auto_dtype(descriptor: ImageModelDescriptor, device: torch.device) -> torch.dtype:
+    """Fastest dtype the architecture supports on ``device``."""
+    if device.type != "cuda":
+        # Half precision convolutions on CPU are slow or missing; float32 is the safe default.
+        return torch.float32
+    if descriptor.supports_half:
+        return torch.float16
+    if descriptor.supports_bfloat16 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    logger.info(f"{descriptor.architecture.name} supports neither fp16 nor bf16; using float32")
+    return torch.float32
+
+
+def load_prior(
+    name_or_path: PriorSource | Sequence[PriorSource],
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    tile: int | None = None,
+    tile_overlap: int = 32,
+    tile_weight: str = "gaussian",
+    weights: Sequence[float] | None = None,
+    outscale: float | None = None,
+) -> PriorModel:
+    """Load a restoration prior.
+
+    Args:
+        name_or_path:
+            A built-in name (e.g. ``"realesrgan-x4plus"``), a ``.safetensors`` / ``.pth`` /
+            ``.pt`` / ``.ckpt`` file of any architecture spandrel knows (with
+            ``spandrel_extra_arches``: SRFormer, Restormer, ...), a folder written by
+            ``PriorModel.save_pretrained``, a spandrel descriptor, or a list of these for a
+            weighted ensemble.
+        device (`str` or `torch.device`, *optional*): Where the networks run; CPU by default.
+        dtype (`torch.dtype`, *optional*): Compute dtype. By default float16 (or bfloat16) on
+            CUDA where the architecture supports it, float32 otherwise. Members that do not
+            support a requested dtype run in float32 (logged).
+        tile (`int`, *optional*): Tile size in input pixels; `None` chooses from free memory
+            and does not tile images that fit, ``0`` never tiles.
+        tile_overlap (`int`, *optional*, defaults to 32): Tile overlap in input pixels.
+        tile_weight (`str`, *optional*, defaults to `"gaussian"`): Tile blend weights.
+        weights (`Sequence[float]`, *optional*): Positive ensemble weights, one per entry of
+            ``name_or_path`` (normalised; equal by default), e.g. ``[0.8, 0.2]``.
+        outscale (`float`, *optional*): Default output scale of the prior (e.g. ``1`` for an
+            x4 network used as a same-size restorer); by default the native scale, or the
+            built-in model's own scale.
+
+    Returns:
+        `PriorModel`: The prior, in eval mode, on ``device``.
+
+    Raises:
+        `MissingWeightsError`: A file or folder does not exist and is not a built-in name.
+        `ValueError`: Unsupported file or architecture (the message names the file), or bad
+            weights / tiling arguments.
+
+    Example:
+        ```py
+        prior = load_prior("RealESRGAN_x4plus.pth", "cuda")
+        restored = prior(lq, outscale=2)  # x4 network, x2 output
+        ensemble = load_prior(["a.safetensors", "b.pth"], weights=[0.8, 0.2])
+        ```
+    """
+    is_list = isinstance(name_or_path, (list, tuple))
+    sources = list(name_or_path) if is_list else [name_or_path]
+    if not sources:
+        raise ValueError("name_or_path is an empty list; give at least one prior")
+    if (
+        weights is not None
+        and not is_list
+        and not isinstance(weights, (int, float))
+        and len(weights) != 1
+    ):
+        raise ValueError(f"weights has {len(weights)} entries but name_or_path is a single prior")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    priors = [_load_one(source) for source in sources]
+    options: dict[str, Any] = {"tile": tile, "tile_overlap": tile_overlap}
+    options["tile_weight"] = tile_weight
+    if outscale is not None:
+        options["outscale"] = outscale
+    prior = PriorModel.ensemble(priors, weights=weights, **options)
+    if dtype is not None:
+        # nn.Module.to skips ModelMixin.to's spurious float32-modules warning; members that do
+        # not support dtype are kept in float32 by PriorModel._apply.
+        torch.nn.Module.to(prior, device=device, dtype=dtype)
+    else:
+        prior.to(device=device)
+        for module, descriptor in zip(prior.members, prior.descriptors, strict=True):
+            module.to(dtype=_auto_dtype(descriptor, device))
+    return prior.eval()
