@@ -178,7 +178,7 @@ def _read_metadata(path: Path) -> dict[str, str] | None:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as err:  # a damaged file of any kind just means "convert again"
-        logger.warning(f"cached prior {path} is unreadable ({err}); converting again")
+        logger.warning(f"cached prior {path} is unreadable ({err}); not using it")
         return None
 
 
