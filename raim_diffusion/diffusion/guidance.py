@@ -1,0 +1,241 @@
+"""Consistency guidance: pull the predicted clean latent towards the prior's latent.
+
+At every denoising step the model output (ε or v) is turned into the predicted clean latent x̂0,
+moved towards ``z_prior`` by ``x̂0 ← x̂0 + w(t)·(z_prior − x̂0)`` and turned back into an equivalent
+model output *for the same noisy latent*. The scheduler then steps as usual, so the same code
+works for every diffusers scheduler (DDIM, Euler, Euler ancestral, DPM-Solver++, UniPC, ...) and
+both prediction types. This is the "restoration guidance" of SUPIR (§5 of the algorithm spec)
+and the consistency-guided sampling of CGSD, expressed in diffusers' conventions.
+
+Conventions: the UNet always sees the variance-preserving input ``x_in = α·x0 + σ·ε`` with
+``α² + σ² = 1`` (``x_in = scheduler.scale_model_input(latents, t)``), and v = α·ε − σ·x0.
+Sigma-parametrised schedulers (Euler-like) keep ``latents = x_in·√(1+s²)`` with the EDM sigma
+``s = σ/α``; their own x̂0 formulas agree with the ones below, so replacing the model output is
+exact for them too.
+
+Every quantity the step needs (α, σ, w) is precomputed as a tensor before the loop, so the step
+has no host synchronisation and no Python-side branching on values (``torch.compile`` friendly).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "CONSISTENCY_SCHEDULES",
+    "ConsistencySchedule",
+    "apply_consistency",
+    "consistency_weights",
+    "model_output_from_x0",
+    "predict_x0",
+    "scheduler_alpha_sigma",
+]
+
+ConsistencySchedule = Literal["constant", "linear", "cosine", "power", "early"]
+CONSISTENCY_SCHEDULES = ("constant", "linear", "cosine", "power", "early")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
+        )
+
+
+def scheduler_alpha_sigma(
+    scheduler, timesteps: torch.Tensor, begin_index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signal and noise coefficients (α_i, σ_i) of the model input at each step, as the scheduler
+    itself will use them.
+
+    Schedulers that keep a ``sigmas`` table with one entry per step plus the final one (Euler,
+    Euler ancestral, Heun, DPM-Solver++, UniPC, LMS, ...) are read from that table, which is exact
+    also with Karras/exponential/beta sigmas whose timesteps are rounded. The others (DDIM,
+    DDPM, PNDM) are read from ``alphas_cumprod`` at the integer timestep.
+
+    Args:
+        scheduler: a diffusers scheduler after ``set_timesteps``.
+        timesteps (`torch.Tensor`): the timesteps that will be run (possibly a suffix of
+            ``scheduler.timesteps`` for img2img).
+        begin_index (`int`, defaults to 0): index of ``timesteps[0]`` in ``scheduler.timesteps``.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: α and σ, float32, shape ``(len(timesteps),)``,
+        on the device of ``timesteps``.
+    """
+    n = len(timesteps)
+    device = timesteps.device
+    sigmas = getattr(scheduler, "sigmas", None)
+    all_timesteps = getattr(scheduler, "timesteps", None)
+    table = (
+        isinstance(sigmas, torch.Tensor)
+        and all_timesteps is not None
+        and len(sigmas) == len(all_timesteps) + 1
+    )
+    if table:
+        edm_sigma = sigmas[begin_index : begin_index + n].to(device=device, dtype=torch.float64)
+        alpha = 1.0 / torch.sqrt(edm_sigma**2 + 1.0)
+        sigma = edm_sigma * alpha
+    else:
+        alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+        abar = alphas_cumprod[timesteps.to(device).long()]
+        alpha = abar.sqrt()
+        sigma = (1.0 - abar).sqrt()
+    return alpha.float(), sigma.float()
+
+
+def predict_x0(
+    model_output: torch.Tensor,
+    model_input: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """Predicted clean latent from the model output.
+
+    Args:
+        model_output (`torch.Tensor`): ε or v predicted for ``model_input``.
+        model_input (`torch.Tensor`): the VP noisy latent ``α·x0 + σ·ε`` given to the model.
+        alpha (`torch.Tensor`), sigma (`torch.Tensor`): 0-d (or broadcastable) coefficients.
+        prediction_type (`str`): `"epsilon"` or `"v_prediction"`.
+
+    Returns:
+        `torch.Tensor`: x̂0, float32.
+    """
+    _check_prediction_type(prediction_type)
+    out = model_output.float()
+    x = model_input.float()
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha
+    return alpha * x - sigma * out
+
+
+def model_output_from_x0(
+    x0: torch.Tensor,
+    model_input: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """The ε or v that, for the same ``model_input``, predicts ``x0`` (inverse of `predict_x0`).
+
+    Args:
+        x0 (`torch.Tensor`): the clean latent to encode.
+        model_input (`torch.Tensor`): the VP noisy latent given to the model.
+        alpha (`torch.Tensor`), sigma (`torch.Tensor`): 0-d (or broadcastable) coefficients.
+        prediction_type (`str`): `"epsilon"` or `"v_prediction"`.
+
+    Returns:
+        `torch.Tensor`: ε or v, float32.
+    """
+    _check_prediction_type(prediction_type)
+    x = model_input.float()
+    if prediction_type == "epsilon":
+        return (x - alpha * x0) / sigma
+    # v = α·ε − σ·x0 with ε = (x − α·x0)/σ and α² + σ² = 1.
+    return (alpha * x - x0) / sigma
+
+
+def apply_consistency(
+    model_output: torch.Tensor,
+    model_input: torch.Tensor,
+    z_prior: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """One consistency-guidance step on a model output: ``x̂0 ← x̂0 + w·(z_prior − x̂0)``.
+
+    Args:
+        model_output (`torch.Tensor`): ε or v (after classifier-free guidance).
+        model_input (`torch.Tensor`): the VP noisy latent given to the model.
+        z_prior (`torch.Tensor`): the prior's latent (same shape).
+        weight (`torch.Tensor`): w for this step, 0-d; 0 leaves the output (numerically) as is,
+            1 makes the step predict exactly ``z_prior``.
+        alpha (`torch.Tensor`), sigma (`torch.Tensor`): this step's coefficients.
+        prediction_type (`str`): `"epsilon"` or `"v_prediction"`.
+
+    Returns:
+        `torch.Tensor`: the guided model output, in ``model_output``'s dtype.
+    """
+    x0 = predict_x0(model_output, model_input, alpha, sigma, prediction_type)
+    x0 = x0 + weight * (z_prior.float() - x0)
+    guided = model_output_from_x0(x0, model_input, alpha, sigma, prediction_type)
+    # Blend instead of replacing so that w = 0 returns the model output bit-for-bit.
+    return torch.where(weight > 0, guided, model_output.float()).to(model_output.dtype)
+
+
+def consistency_weights(
+    schedule: str,
+    weight: float,
+    num_steps: int,
+    *,
+    sigmas: torch.Tensor | None = None,
+    stop: float = 1.0,
+    power: float = 4.0,
+    early: float = 0.5,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Guidance weight w for every step, computed once before the loop.
+
+    With ``p = i / (n − 1)`` the progress of step ``i`` of ``n`` (0 at the first step run, 1 at
+    the last):
+
+    - ``"constant"``: w.
+    - ``"linear"``: w·(1 − p), strong while the noise is high, zero at the last step.
+    - ``"cosine"``: w·(1 + cos(πp))/2.
+    - ``"power"``: w·(σ_i/σ_0)^power with the EDM sigmas of the steps (SUPIR's restoration
+      guidance). σ is normalised by the first step run rather than the training maximum, because
+      img2img starts below it and (σ/σ_max)^4 would be almost 0 throughout.
+    - ``"early"``: w for the first ``early`` fraction of the steps, then 0.
+
+    After that, the steps with ``i/n ≥ stop`` get 0 ("guidance off for the last 1 − stop").
+
+    Args:
+        schedule (`str`): one of `CONSISTENCY_SCHEDULES`.
+        weight (`float`): w, in [0, 1].
+        num_steps (`int`): number of steps run.
+        sigmas (`torch.Tensor`, *optional*): EDM sigma (σ/α) of each step, needed by `"power"`.
+        stop (`float`, defaults to 1.0): fraction of the steps after which guidance is off.
+        power (`float`, defaults to 4.0): exponent τ of `"power"`.
+        early (`float`, defaults to 0.5): fraction of the steps guided by `"early"`.
+        device: device of the result.
+
+    Returns:
+        `torch.Tensor`: float32, shape ``(num_steps,)``.
+    """
+    if schedule not in CONSISTENCY_SCHEDULES:
+        raise ValueError(
+            f"consistency_schedule={schedule!r} is not supported; "
+            f"use one of {CONSISTENCY_SCHEDULES}"
+        )
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"consistency_weight={weight!r} must be in [0, 1]")
+    if not 0.0 <= stop <= 1.0:
+        raise ValueError(f"consistency_stop={stop!r} must be in [0, 1]")
+    if not 0.0 <= early <= 1.0:
+        raise ValueError(f"early={early!r} must be in [0, 1]")
+    if num_steps < 0:
+        raise ValueError(f"num_steps={num_steps!r} must be >= 0")
+    idx = torch.arange(num_steps, dtype=torch.float64)
+    progress = idx / max(num_steps - 1, 1)
+    if schedule == "constant":
+        w = torch.full_like(idx, weight)
+    elif schedule == "linear":
+        w = weight * (1.0 - progress)
+    elif schedule == "cosine":
+        w = weight * 0.5 * (1.0 + torch.cos(math.pi * progress))
+    elif schedule == "power":
+        if sigmas is None or len(sigmas) != num_steps:
+            raise ValueError("consistency_schedule='power' needs the sigma of every step")
+        s = sigmas.detach().to("cpu", torch.float64)
+        w = weight * (s / s[0].clamp_min(1e-12)).clamp(0.0, 1.0) ** power
+    else:  # early
+        w = torch.where(idx < early * num_steps, weight, 0.0)
+    w = torch.where(idx < stop * num_steps, w, 0.0)
+    return w.to(device=device, dtype=torch.float32)

@@ -1,0 +1,296 @@
+"""RaimPipeline end to end on tiny random SD / SDXL folders written by diffusers itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from raim_diffusion.diffusion.vae import decode_latents
+from raim_diffusion.errors import MissingWeightsError
+from raim_diffusion.pipeline import RaimPipeline, RaimPipelineOutput
+from raim_diffusion.testing import save_tiny_pipeline, tiny_controlnet, tiny_prior
+
+FAST = dict(num_inference_steps=4, strength=0.5)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: save_tiny_pipeline(root / kind, kind) for kind in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def sd15(folders):
+    pipe = RaimPipeline.from_pretrained(folders["sd15"], prior=tiny_prior(2))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl(folders):
+    pipe = RaimPipeline.from_pretrained(folders["sdxl"], prior=tiny_prior(2))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(h: int, w: int, seed: int = 0, n: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_loads_standard_folders(sd15, sdxl, folders):
+    index = json.loads((folders["sdxl"] / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert not sd15.is_sdxl and sdxl.is_sdxl
+    assert sd15.text_encoder_2 is None and sdxl.text_encoder_2 is not None
+    assert sd15.prior is not None and sd15.prior.scale == 2
+    assert sd15.controlnet is None and sd15.segmenter is None and sd15.fusion is None
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_restores_odd_sizes_end_to_end(request, kind):
+    pipe = request.getfixturevalue(kind)
+    # PIL in, PIL out; 13x9 is no multiple of anything, and the prior doubles it.
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((9, 13, 3)) * 255).astype("uint8"))
+    out = pipe(image, generator=_gen(), **FAST)
+    assert isinstance(out, RaimPipelineOutput)
+    assert len(out.images) == 1 and out.images[0].size == (26, 18)
+    assert out.prior_images[0].size == out.generated_images[0].size == (26, 18)
+    assert out.masks is None
+    # Generation really ran (random weights: the content itself means nothing).
+    gen = np.asarray(out.generated_images[0], dtype=np.float32)
+    assert np.abs(gen - np.asarray(out.prior_images[0], dtype=np.float32)).mean() > 0
+
+
+def test_same_seed_same_output_and_seed_matters(sd15):
+    image = _image(11, 15)
+    a = sd15(image, generator=_gen(1), output_type="pt", **FAST).images
+    b = sd15(image, generator=_gen(1), output_type="pt", **FAST).images
+    c = sd15(image, generator=_gen(2), output_type="pt", **FAST).images
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_save_load_round_trip(sd15, tmp_path):
+    sd15.save_pretrained(tmp_path / "raim")
+    index = json.loads((tmp_path / "raim" / "model_index.json").read_text())
+    assert index["_class_name"] == "RaimPipeline"
+    assert index["prior"] == ["raim_diffusion.prior.model", "PriorModel"]
+    assert index["default_prompt"] == sd15.config.default_prompt
+    assert "safety_checker" not in index
+    loaded = RaimPipeline.from_pretrained(tmp_path / "raim")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.prior is not None and loaded.prior.scale == 2
+    image = _image(10, 12)
+    a = sd15(image, generator=_gen(3), output_type="pt", **FAST)
+    b = loaded(image, generator=_gen(3), output_type="pt", **FAST)
+    assert torch.equal(a.images, b.images)
+    assert torch.equal(a.prior_images, b.prior_images)
+
+
+def test_output_types_and_tuple(sd15):
+    image = _image(8, 10)
+    pt = sd15(image, generator=_gen(), output_type="pt", **FAST)
+    assert pt.images.shape == (1, 3, 16, 20) and pt.images.dtype == torch.float32
+    assert pt.images.min() >= 0 and pt.images.max() <= 1
+    arr = sd15(image, generator=_gen(), output_type="np", **FAST)
+    assert arr.images.shape == (1, 16, 20, 3) and arr.images.dtype == np.float32
+    np.testing.assert_allclose(arr.images, pt.images.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    images, priors, generated, masks = sd15(
+        image, generator=_gen(), output_type="pt", return_dict=False, **FAST
+    )
+    assert torch.equal(images, pt.images) and masks is None
+    assert torch.equal(priors, pt.prior_images) and torch.equal(generated, pt.generated_images)
+
+
+def test_batch_with_per_image_prompts_matches_single_runs(sd15):
+    images = _image(8, 12, n=2)
+    prompts = ["a cat", "a city street at night"]
+    batch = sd15(
+        images, prompts, generator=[_gen(5), _gen(6)], output_type="pt", **FAST
+    ).images
+    for i in range(2):
+        single = sd15(
+            images[i : i + 1], prompts[i], generator=_gen(5 + i), output_type="pt", **FAST
+        )
+        torch.testing.assert_close(batch[i : i + 1], single.images, atol=1e-4, rtol=1e-4)
+    swapped = sd15(
+        images, prompts[::-1], generator=[_gen(5), _gen(6)], output_type="pt", **FAST
+    ).images
+    assert not torch.allclose(batch, swapped)
+    with pytest.raises(ValueError, match="prompt"):
+        sd15(images, ["only one"], **FAST)
+
+
+def test_callback_on_step_end(sd15):
+    seen = []
+
+    def callback(pipe, step, timestep, kwargs):
+        seen.append((step, kwargs["latents"].shape, kwargs["z_prior"]))
+        # Replacing the latents at the last step must show in the output.
+        if step == pipe.num_timesteps - 1:
+            return {"latents": kwargs["z_prior"]}
+        return {}
+
+    image = _image(8, 8)
+    out = sd15(
+        image,
+        generator=_gen(),
+        output_type="pt",
+        color_fix="none",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "z_prior"],
+        **FAST,
+    )
+    assert [s for s, _, _ in seen] == [0, 1]
+    assert seen[0][1] == seen[0][2].shape == (1, 4, 8, 8)
+    expected = decode_latents(sd15.vae, seen[-1][2])
+    torch.testing.assert_close(out.generated_images, expected, atol=1e-6, rtol=0)
+    plain = sd15(image, generator=_gen(), output_type="pt", color_fix="none", **FAST)
+    assert not torch.allclose(plain.generated_images, expected)
+
+
+def test_stages_skip_and_min_size(sd15):
+    image = _image(8, 10)
+    prior_only = sd15(image, output_type="pt", stages=("prior",), **FAST)
+    assert torch.equal(prior_only.images, prior_only.prior_images)
+    assert torch.equal(prior_only.generated_images, prior_only.prior_images)
+    no_prior = sd15(image, output_type="pt", stages=("generate",), generator=_gen(), **FAST)
+    assert no_prior.images.shape[-2:] == (8, 10)  # upscale defaults to 1 without stage 1
+    big = sd15(image, output_type="pt", min_size=24, upscale=1.5, generator=_gen(), **FAST)
+    assert big.images.shape[-2:] == (12, 15)
+
+
+def test_latent_tiling_in_pipeline(sd15):
+    image = _image(24, 20)  # prior x2 -> 48x40 pixels -> 24x20 latents
+    untiled = sd15(image, generator=_gen(), output_type="pt", tile=0, **FAST).images
+    covering = sd15(image, generator=_gen(), output_type="pt", tile=32, **FAST).images
+    assert torch.equal(untiled, covering)
+    tiled = sd15(image, generator=_gen(), output_type="pt", tile=8, vae_tile=16, **FAST).images
+    assert tiled.shape == untiled.shape and torch.isfinite(tiled).all()
+    # Seams would show as large local differences; tiles are blended, so the images stay close.
+    assert (tiled - untiled).abs().mean() < 0.1
+
+
+def test_detect_and_fuse_hooks(sd15):
+    image = _image(8, 8)
+
+    def detector(generated, prior):
+        mask = torch.zeros_like(generated[:, :1])
+        mask[..., :, :8] = 1
+        return mask
+
+    out = sd15(image, generator=_gen(), output_type="pt", detector=detector, **FAST)
+    assert out.masks.shape == (1, 1, 16, 16)
+    torch.testing.assert_close(out.images[..., :8], out.prior_images[..., :8])
+    torch.testing.assert_close(out.images[..., 8:], out.generated_images[..., 8:])
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_controlnet_zero_scale_is_a_no_op(request, folders, kind):
+    pipe = request.getfixturevalue(kind)
+    with_cn = RaimPipeline(**{**pipe.components, "controlnet": tiny_controlnet(kind)})
+    with_cn.set_progress_bar_config(disable=True)
+    image = _image(8, 10)
+    base = pipe(image, generator=_gen(), output_type="pt", **FAST).images
+    zero = with_cn(
+        image, generator=_gen(), output_type="pt", controlnet_conditioning_scale=0.0, **FAST
+    ).images
+    on = with_cn(image, generator=_gen(), output_type="pt", **FAST).images
+    assert torch.equal(base, zero)
+    assert not torch.equal(base, on)
+    late = with_cn(
+        image, generator=_gen(), output_type="pt", control_guidance_start=0.99, **FAST
+    ).images
+    # Starting after the last step disables it as well.
+    assert torch.equal(base, late)
+
+
+def test_v_prediction_pipeline(tmp_path):
+    folder = save_tiny_pipeline(tmp_path / "sd2", "sd2")
+    pipe = RaimPipeline.from_pretrained(folder, prior=tiny_prior(1))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    out = pipe(_image(7, 9), generator=_gen(), output_type="pt", **FAST)
+    assert out.images.shape == (1, 3, 7, 9) and torch.isfinite(out.images).all()
+
+
+def test_missing_model_raises_missing_weights_error(tmp_path):
+    with pytest.raises(MissingWeightsError, match="raim-test/does-not-exist"):
+        RaimPipeline.from_pretrained(
+            "raim-test/does-not-exist", local_files_only=True, cache_dir=tmp_path
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(strength=0.0), "strength"),
+        (dict(consistency_weight=2.0), "consistency_weight"),
+        (dict(consistency_schedule="zigzag"), "consistency_schedule"),
+        (dict(color_fix="hist"), "color_fix"),
+        (dict(output_type="latent"), "output_type"),
+        (dict(stages=("prior", "paint")), "stages"),
+        (dict(tile=-1), "tile"),
+        (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+    ],
+)
+def test_bad_arguments_raise_value_error(sd15, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sd15(_image(8, 8), **kwargs)
+
+
+def test_sdxl_conditioning_matches_diffusers(sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    reference = StableDiffusionXLPipeline(
+        **{k: getattr(sdxl, k) for k in (
+            "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+            "scheduler")}
+    )
+    prompts = ["a cat", "a dog on a sofa"]
+    embeds, neg, pooled, neg_pooled = reference.encode_prompt(
+        prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=["blurry", "noisy"],
+    )
+    ours, ours_pooled = sdxl.encode_prompt(prompts, "cpu")
+    ours_neg, ours_neg_pooled = sdxl.encode_prompt(["blurry", "noisy"], "cpu")
+    torch.testing.assert_close(ours, embeds)
+    torch.testing.assert_close(ours_pooled, pooled)
+    torch.testing.assert_close(ours_neg, neg)
+    torch.testing.assert_close(ours_neg_pooled, neg_pooled)
+    time_ids = reference._get_add_time_ids(
+        (48, 40), (0, 0), (48, 40), dtype=torch.float32,
+        text_encoder_projection_dim=sdxl.text_encoder_2.config.projection_dim,
+    )
+    assert time_ids.tolist() == [sdxl._sdxl_time_ids((48, 40), negative=False)]
+
+
+def test_bfloat16_sdxl(folders):
+    pipe = RaimPipeline.from_pretrained(folders["sdxl"], prior=tiny_prior(2), dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.bfloat16
+    out = pipe(_image(9, 11), generator=_gen(), output_type="pt", **FAST)
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+
+
+def test_loads_hub_id_from_local_cache(folders, tmp_path):
+    # The layout huggingface_hub gives a downloaded repository: what GPU nodes without internet
+    # load from after `huggingface-cli download` elsewhere.
+    repo = tmp_path / "models--raim-test--tiny-sd15"
+    commit = "0" * 40
+    shutil.copytree(folders["sd15"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    pipe = RaimPipeline.from_pretrained(
+        "raim-test/tiny-sd15", prior=tiny_prior(2), cache_dir=tmp_path, local_files_only=True
+    )
+    assert not pipe.is_sdxl and pipe.prior is not None
