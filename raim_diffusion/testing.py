@@ -47,6 +47,7 @@ from transformers import (
 )
 
 from .prior import PriorModel
+from .resources import cache_dir
 
 __all__ = [
     "TinyKind",
@@ -112,8 +113,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(root) / "raim_diffusion" / "clip-tokenizer"
+    return cache_dir("clip-tokenizer")
 
 
 def _write_clip_vocab(folder: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from safetensors.torch import save
 from raim_diffusion.errors import MissingWeightsError
 from raim_diffusion.images import atomic_write
 from raim_diffusion.prior.ncnn import NcnnFormatError, convert_ncnn
+from raim_diffusion.resources import cache_dir
 
 logger = logging.get_logger(__name__)
 
@@ -138,18 +138,9 @@ def get_builtin(name: str) -> BuiltinPrior:
 
 
 def builtin_cache_dir() -> Path:
-    """Folder for converted built-in priors.
-
-    ``$RAIM_CACHE/priors`` if ``RAIM_CACHE`` is set, else ``$XDG_CACHE_HOME/raim-diffusion/priors``,
-    else ``~/.cache/raim-diffusion/priors``. Read at call time, so tests and users can redirect it.
-    """
-    root = os.environ.get("RAIM_CACHE")
-    if root:
-        base = Path(root).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "raim-diffusion"
-    return base / "priors"
+    """Folder for converted built-in priors: ``cache_dir("priors")``; see
+    [`~raim_diffusion.resources.cache_dir`]."""
+    return cache_dir("priors")
 
 
 def _models_dir() -> Path | None:

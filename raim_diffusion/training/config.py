@@ -7,7 +7,6 @@ lists what it changes and unknown keys are rejected.
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from raim_diffusion.resources import data_dir
 from raim_diffusion.training.degradations import DegradationConfig
 from raim_diffusion.training.losses import PerceptualConfig
 
@@ -29,9 +29,6 @@ __all__ = [
     "available_configs",
     "load_train_config",
 ]
-
-_CONFIG_SUBDIR = ("configs", "train")
-
 
 @dataclass
 class ModelConfig:
@@ -165,24 +162,13 @@ class TrainConfig:
     val_max_images: int = 16
 
 
-def _candidates(name: str) -> list[Path]:
-    out: list[Path] = []
-    try:
-        packaged = importlib.resources.files("raim_diffusion").joinpath("_data", *_CONFIG_SUBDIR)
-        out.append(Path(str(packaged)) / f"{name}.yaml")
-    except (ModuleNotFoundError, TypeError):
-        pass
-    out.append(Path(__file__).resolve().parents[2].joinpath(*_CONFIG_SUBDIR, f"{name}.yaml"))
-    return out
+def _presets_dir() -> Path:
+    return data_dir("configs") / "train"
 
 
 def available_configs() -> list[str]:
     """Names of the shipped training presets."""
-    names: set[str] = set()
-    for cand in _candidates("x"):
-        if cand.parent.is_dir():
-            names.update(p.stem for p in cand.parent.glob("*.yaml"))
-    return sorted(names)
+    return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
 
 
 def find_config(name: str | os.PathLike) -> Path:
@@ -206,9 +192,9 @@ def find_config(name: str | os.PathLike) -> Path:
     stem = str(name)
     if stem.endswith((".yaml", ".yml")) or os.sep in stem:
         raise FileNotFoundError(f"training config file {str(name)!r} does not exist")
-    for cand in _candidates(stem):
-        if cand.is_file():
-            return cand
+    cand = _presets_dir() / f"{stem}.yaml"
+    if cand.is_file():
+        return cand
     raise FileNotFoundError(
         f"unknown training config {stem!r}: not a file and not a preset "
         f"(available presets: {', '.join(available_configs()) or 'none found'})"
