@@ -30,6 +30,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .artifacts import ArtifactDetector, ArtifactResult
+from .artifacts.segmentation import TransformersSegmenter
 from .diffusion.color import color_fix as apply_color_fix
 from .diffusion.guidance import CONSISTENCY_SCHEDULES, consistency_weights
 from .diffusion.loop import (
@@ -41,6 +43,7 @@ from .diffusion.loop import (
 )
 from .diffusion.vae import decode_latents, encode_latents
 from .errors import MissingWeightsError
+from .fusion import FusionNet, fuse
 from .images import to_numpy, to_pil, to_tensor
 from .prior import PriorModel, load_prior
 
@@ -84,12 +87,16 @@ class RaimPipelineOutput(BaseOutput):
             ``"generate"`` did not run.
         masks: stage-3 artifact masks (1 = re-restored), ``"L"`` PIL images, NHW1 arrays or N1HW
             tensors; `None` when no detector ran.
+        artifacts (`ArtifactResult`, *optional*): the detector's full result (score maps, labels,
+            regions with boxes, areas and classes); `None` when no detector ran. Not part of
+            the tuple returned with ``return_dict=False``.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     prior_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     generated_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+    artifacts: ArtifactResult | None = None
 
 
 def missing_weights_error(model: str | os.PathLike, error: BaseException) -> MissingWeightsError:
@@ -387,43 +394,50 @@ class RaimPipeline(DiffusionPipeline):
         out = self.prior(x_lq, outscale=upscale)
         return out.float().to(x_lq.device).clamp(0, 1)
 
-    def detect_artifacts(
-        self,
-        generated: torch.Tensor,
-        prior: torch.Tensor,
-        detector: Callable[..., torch.Tensor] | None = None,
-    ) -> torch.Tensor | None:
-        """Stage 3 (hook): artifact masks N1HW in [0, 1], or `None` when no detector is set.
+    def make_detector(self, detector: ArtifactDetector | str | None = None, **overrides: Any):
+        """The stage-3 detector: ``detector`` as given, or a parameter set by name (default
+        ``"desra-default"``) using the pipeline's ``segmenter`` (uniform class weights without
+        one; the result says so), with field overrides such as ``contrast_threshold``."""
+        if isinstance(detector, ArtifactDetector) and not overrides:
+            return detector
+        if isinstance(detector, ArtifactDetector):
+            return detector.replace(**overrides)
+        segmenter = self.segmenter
+        if isinstance(segmenter, torch.nn.Module):
+            # A transformers SegFormer/Mask2Former registered as a component.
+            segmenter = TransformersSegmenter(segmenter)
+        return ArtifactDetector.from_config(
+            detector or "desra-default", segmenter=segmenter if segmenter is not None else "none",
+            **overrides,
+        )
 
-        HOOK for the artifacts stage: ``detector(generated, prior)`` (optionally using
-        ``self.segmenter``) returns the masks.
-        """
-        if detector is None:
-            return None
-        masks = detector(generated, prior)
-        if masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[-2:] != generated.shape[-2:]:
-            raise ValueError(
-                f"detector returned masks of shape {tuple(masks.shape)}; expected "
-                f"(N, 1, {generated.shape[-2]}, {generated.shape[-1]})"
-            )
-        return masks.float().clamp(0, 1)
+    def detect_artifacts(
+        self, generated: torch.Tensor, prior: torch.Tensor, detector: ArtifactDetector
+    ) -> ArtifactResult:
+        """Stage 3: where ``generated`` drifted from the faithful ``prior`` (N1HW masks)."""
+        return detector(generated, prior)
 
     def fuse_artifacts(
         self,
-        x_lq: torch.Tensor,
+        x_lq_up: torch.Tensor,
         generated: torch.Tensor,
         prior: torch.Tensor,
         masks: torch.Tensor,
+        tile: int | None = None,
     ) -> torch.Tensor:
-        """Stage 4 (hook): re-restore the masked regions and keep the rest of ``generated``.
+        """Stage 4: re-restore the masked regions and keep the rest of ``generated``.
 
-        HOOK for the fusion stage: with ``self.fusion`` set, the fusion network takes over.
-        Without it the masked regions are taken from the prior with a soft composite, which
-        removes the artifacts at the cost of the prior's plainer texture there.
+        With ``self.fusion`` (a trained [`FusionNet`]) the regions are re-restored from the
+        upsampled input; without it the prior is blended in with a Laplacian pyramid, exact
+        outside a feather band around the masks.
         """
-        if self.fusion is not None:
-            return self.fusion(x_lq, generated, masks).float().clamp(0, 1)
-        return generated * (1 - masks) + prior * masks
+        fusion = self.fusion if isinstance(self.fusion, FusionNet) else None
+        if fusion is not None:
+            dtype = next(fusion.parameters()).dtype
+            out = fuse(generated.to(dtype), prior.to(dtype), x_lq_up.to(dtype),
+                       masks.to(dtype), fusion, tile=tile)
+            return out.float()
+        return fuse(generated, prior, x_lq_up, masks)
 
     # ------------------------------------------------------------------ checks
 
@@ -666,7 +680,10 @@ class RaimPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         stages: Sequence[str] = STAGES,
-        detector: Callable[..., torch.Tensor] | None = None,
+        detector: ArtifactDetector | str | None = None,
+        contrast_threshold: float | None = None,
+        area_threshold: float | None = None,
+        fusion_tile: int | None = None,
     ) -> RaimPipelineOutput | tuple:
         r"""Restore images.
 
@@ -711,8 +728,15 @@ class RaimPipeline(DiffusionPipeline):
                 ``callback_kwargs`` holds, from ``_callback_tensor_inputs``.
             stages (`Sequence[str]`, defaults to all): which of ``("prior", "generate",
                 "detect", "fuse")`` run; a skipped stage passes its input through.
-            detector (`Callable`, *optional*): stage-3 artifact detector, see
-                `detect_artifacts`.
+            detector (`ArtifactDetector` or `str`, *optional*): stage-3 artifact detector, or
+                the name/YAML of a parameter set in ``masks/``; ``"desra-default"`` with the
+                pipeline's ``segmenter`` when `None`.
+            contrast_threshold (`float`, *optional*): override of the detector's threshold on
+                the class-weighted local-contrast similarity (0.7 in DeSRA; lower flags less).
+            area_threshold (`float`, *optional*): override of the smallest region kept, as a
+                fraction of the image area.
+            fusion_tile (`int`, *optional*): tile size of the fusion network (whole image
+                when `None`).
 
         Returns:
             `RaimPipelineOutput` or `tuple`.
@@ -796,16 +820,21 @@ class RaimPipeline(DiffusionPipeline):
         else:
             x_gen = x_prior
 
-        # 3. Detect artifacts (hook).
-        masks = None
+        # 3. Detect: where the generated image drifted from the prior.
+        masks = artifacts = None
         if "detect" in stages:
-            masks = self.detect_artifacts(x_gen, x_prior, detector)
+            overrides = {k: v for k, v in (("contrast_threshold", contrast_threshold),
+                                           ("area_threshold", area_threshold)) if v is not None}
+            artifacts = self.detect_artifacts(
+                x_gen, x_prior, self.make_detector(detector, **overrides)
+            )
+            masks = artifacts.masks.to(device=x_gen.device, dtype=x_gen.dtype)
 
-        # 4. Fuse (hook): re-restore the masked regions.
+        # 4. Fuse: re-restore the masked regions, keep the rest of the generated image.
         x_out = x_gen
         if "fuse" in stages and masks is not None:
             x_lq_up = _resize(x_lq, target)
-            x_out = self.fuse_artifacts(x_lq_up, x_gen, x_prior, masks)
+            x_out = self.fuse_artifacts(x_lq_up, x_gen, x_prior, masks, tile=fusion_tile)
 
         self.maybe_free_model_hooks()
         result = (
@@ -816,4 +845,4 @@ class RaimPipeline(DiffusionPipeline):
         )
         if not return_dict:
             return result
-        return RaimPipelineOutput(*result)
+        return RaimPipelineOutput(*result, artifacts=artifacts)

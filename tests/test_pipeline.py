@@ -64,7 +64,9 @@ def test_restores_odd_sizes_end_to_end(request, kind):
     assert isinstance(out, RaimPipelineOutput)
     assert len(out.images) == 1 and out.images[0].size == (26, 18)
     assert out.prior_images[0].size == out.generated_images[0].size == (26, 18)
-    assert out.masks is None
+    # Stages 3 and 4 ran too: a mask per image at the output size, and the detector's regions.
+    assert len(out.masks) == 1 and out.masks[0].size == (26, 18)
+    assert out.artifacts is not None and out.artifacts.segmentation == "none"
     # Generation really ran (random weights: the content itself means nothing).
     gen = np.asarray(out.generated_images[0], dtype=np.float32)
     assert np.abs(gen - np.asarray(out.prior_images[0], dtype=np.float32)).mean() > 0
@@ -107,7 +109,7 @@ def test_output_types_and_tuple(sd15):
     images, priors, generated, masks = sd15(
         image, generator=_gen(), output_type="pt", return_dict=False, **FAST
     )
-    assert torch.equal(images, pt.images) and masks is None
+    assert torch.equal(images, pt.images) and masks.shape == (1, 1, *images.shape[-2:])
     assert torch.equal(priors, pt.prior_images) and torch.equal(generated, pt.generated_images)
 
 
@@ -180,18 +182,30 @@ def test_latent_tiling_in_pipeline(sd15):
     assert (tiled - untiled).abs().mean() < 0.1
 
 
-def test_detect_and_fuse_hooks(sd15):
-    image = _image(8, 8)
+def test_detect_and_fuse_stages(sd15):
+    """Stage 3 decides where stage 4 replaces the generated image by the prior."""
+    image = _image(48, 48)  # the tiny prior doubles it: 96 x 96
+    # At the top threshold (1) every pixel whose local contrast differs at all is a candidate ...
+    everything = sd15(image, generator=_gen(), output_type="pt", contrast_threshold=1.0, **FAST)
+    assert everything.masks.mean() > 0.8
+    assert everything.artifacts.regions[0] and everything.artifacts.segmentation == "none"
+    # ... so deep inside the mask (beyond the blend's feather band) the result is the prior.
+    inner = (..., slice(30, 66), slice(30, 66))
+    assert torch.equal(everything.images[inner], everything.prior_images[inner])
+    # A threshold near 0 flags nothing: the generated image passes through untouched.
+    nothing = sd15(image, generator=_gen(), output_type="pt", contrast_threshold=1e-6, **FAST)
+    assert nothing.masks.sum() == 0
+    assert torch.equal(nothing.images, nothing.generated_images)
+    # Skipping stage 4 keeps the generated image even where stage 3 flagged artifacts.
+    no_fuse = sd15(image, generator=_gen(), output_type="pt", contrast_threshold=1.0,
+                   stages=("prior", "generate", "detect"), **FAST)
+    assert no_fuse.masks.mean() > 0.8 and torch.equal(no_fuse.images, no_fuse.generated_images)
 
-    def detector(generated, prior):
-        mask = torch.zeros_like(generated[:, :1])
-        mask[..., :, :8] = 1
-        return mask
 
-    out = sd15(image, generator=_gen(), output_type="pt", detector=detector, **FAST)
-    assert out.masks.shape == (1, 1, 16, 16)
-    torch.testing.assert_close(out.images[..., :8], out.prior_images[..., :8])
-    torch.testing.assert_close(out.images[..., 8:], out.generated_images[..., 8:])
+def test_make_detector_uses_parameter_sets_and_overrides(sd15):
+    detector = sd15.make_detector("strict-text", contrast_threshold=0.5)
+    assert detector.config.contrast_threshold == 0.5
+    assert sd15.make_detector(detector) is detector
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
