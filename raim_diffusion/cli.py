@@ -41,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``raim`` console script; returns the process exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Commands whose positionals may come after options (``raim restore in/ -o out/ key=value``)
+    # name the attribute that collects them; anything else unknown is an error.
+    collect = getattr(args, "trailing_positionals", None)
+    if extra and (collect is None or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, collect).extend(extra)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2

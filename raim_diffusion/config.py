@@ -71,6 +71,7 @@ class DetectConfig:
     params: str = "desra-default"  # a parameter set in masks/ or a YAML file
     segmenter: str | None = "nvidia/segformer-b5-finetuned-ade-640-640"  # None: uniform weights
     sam: str | None = None  # SAM checkpoint path for optional boundary refinement
+    sam_type: str = "vit_h"  # SAM architecture of that checkpoint: vit_h, vit_l or vit_b
 
 
 @dataclass

@@ -1,0 +1,149 @@
+"""``raim restore`` end to end: real images, a corrupt one among them, resume, presets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raim_diffusion.batch import Job, Restored, image_seed, plan_jobs, run_jobs
+from raim_diffusion.cli import main
+from raim_diffusion.config import list_presets
+from raim_diffusion.images import load_image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    """Tiny pipelines and converted priors go to a private cache, shared by this module."""
+    old = os.environ.get("RAIM_CACHE")
+    os.environ["RAIM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("RAIM_CACHE")
+    else:
+        os.environ["RAIM_CACHE"] = old
+
+
+def _photo(size=(40, 32), seed=0) -> np.ndarray:
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    img = data.astronaut()[::8, ::8]
+    y, x = rng.integers(0, 20, 2)
+    return np.ascontiguousarray(img[y : y + size[1], x : x + size[0]])
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(_photo(seed=1)).save(src / "a.jpg", quality=80)
+    rgba = np.dstack([_photo(seed=2), np.tile(np.linspace(0, 255, 40), (32, 1))])
+    Image.fromarray(rgba.astype(np.uint8), "RGBA").save(src / "sub" / "b.png")
+    import cv2
+
+    cv2.imwrite(str(src / "c16.png"), (_photo(seed=3)[..., ::-1].astype(np.uint16) * 257))
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return src
+
+
+def test_prior_only_restores_keeps_names_depth_alpha_and_survives_a_corrupt_file(folder, tmp_path):
+    out = tmp_path / "out"
+    code = main(["restore", str(folder), "-o", str(out), "--prior", "realesr-animevideov3-x2",
+                 "--quiet"])
+    assert code == 1  # one input was corrupt
+    a = load_image(out / "a.jpg")
+    assert a.tensor.shape[-2:] == (64, 80)
+    b = load_image(out / "sub" / "b.png")
+    assert b.alpha is not None and b.alpha.shape[-2:] == (64, 80)
+    src_alpha = load_image(folder / "sub" / "b.png").alpha
+    # Alpha is resized the way the image was: its left-to-right ramp survives.
+    assert b.alpha[0, 0, 32, 4] < 0.2 < 0.8 < b.alpha[0, 0, 32, -4] and src_alpha.max() > 0.9
+    assert load_image(out / "c16.png").bit_depth == 16
+    assert not (out / "broken.png").exists()
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 1 and failures[0]["source"].endswith("broken.png")
+    assert "broken.png" in failures[0]["error"]
+    record = json.loads((out / "raim_run.json").read_text())
+    assert record["config"]["stages"] == ["prior"] and record["images"] == 4
+
+    # Resume: only the deleted output is made again, the others are left untouched.
+    (out / "a.jpg").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert main(["restore", str(folder), "-o", str(out), "--prior",
+                 "realesr-animevideov3-x2", "--quiet"]) == 1
+    assert (out / "a.jpg").exists()
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_a_killed_job_leaves_only_complete_outputs_and_resumes(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(_photo(seed=i)).save(src / f"{i}.png")
+    jobs = plan_jobs([src], tmp_path / "out")
+    calls = []
+
+    def restore(image, job):
+        calls.append(job.key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the job is killed while working on the third image
+        return Restored(image.tensor * 0.5)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, restore, progress=False)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["0.png", "1.png"]  # nothing partial, nothing for the killed one
+    calls.clear()
+    report = run_jobs(jobs, lambda image, job: Restored(image.tensor * 0.5), progress=False)
+    assert (report.done, report.skipped, report.failed) == (2, 2, 0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i}.png" for i in range(4)]
+
+
+def test_image_seeds_depend_on_the_image_not_the_order():
+    a, b = Job(Path("x/a.png"), Path("o/a.png")), Job(Path("y/b.png"), Path("o/b.png"))
+    assert image_seed(0, a) == image_seed(0, Job(Path("elsewhere/a.png"), Path("o/a.png")))
+    assert image_seed(0, a) != image_seed(0, b) and image_seed(0, a) != image_seed(1, a)
+
+
+def test_tiny_pipeline_restore_and_same_output_on_rerun(folder, tmp_path):
+    (folder / "broken.png").unlink()
+    out1, out2 = tmp_path / "o1", tmp_path / "o2"
+    args = ["restore", str(folder / "a.jpg"), "--config", "tiny", "--quiet",
+            "--save-intermediates", "generate.num_inference_steps=2"]
+    assert main([*args, "-o", str(out1)]) == 0
+    assert main([*args, "-o", str(out2)]) == 0
+    a1, a2 = load_image(out1 / "a.jpg").tensor, load_image(out2 / "a.jpg").tensor
+    assert a1.shape[-2:] == (64, 80) and torch.equal(a1, a2)
+    for name in ("prior", "generated", "mask"):
+        assert (out1 / "intermediates" / name / "a.png").exists()
+    record = json.loads((out1 / "raim_run.json").read_text())
+    assert record["call"]["num_inference_steps"] == 2 and record["versions"]["torch"]
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets() if p != "tiny"])
+def test_every_preset_runs_end_to_end_on_tiny_components(preset, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_photo(size=(24, 16))).save(src / "x.png")
+    out = tmp_path / "out"
+    code = main(["restore", str(src), "-o", str(out), "--config", preset, "--tiny", "--quiet",
+                 "generate.num_inference_steps=3"])
+    assert code == 0, preset
+    assert load_image(out / "x.png").tensor.shape[0] == 1
+
+
+def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
+    assert main(["restore", str(folder), "-o", str(tmp_path / "o"), "--config", "nope"]) == 2
+    assert "presets" in capsys.readouterr().err
+    assert main(["restore", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["restore", str(folder), "-o", str(tmp_path / "o"),
+                 "generate.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
