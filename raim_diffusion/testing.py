@@ -189,9 +189,11 @@ def _tiny_vae(sdxl: bool) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
+        # Three levels (latents at 1/4 size): tiny, yet CPU demos on a few hundred pixels do not
+        # spend their time in full-resolution attention.
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
@@ -316,8 +318,8 @@ def tiny_controlnet(kind: TinyKind = "sd15", seed: int = 0) -> ControlNetModel:
             block_out_channels=kwargs["block_out_channels"],
             down_block_types=kwargs["down_block_types"],
             norm_num_groups=4,
-            # The tiny pipelines' VAE downsamples by 2, so the conditioning embedding must too.
-            conditioning_embedding_out_channels=(8, 16),
+            # The tiny pipelines' VAE downsamples by 4, so the conditioning embedding must too.
+            conditioning_embedding_out_channels=(8, 16, 16),
         )
         if kind == "sdxl":
             net = ControlNetModel(

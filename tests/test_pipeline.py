@@ -153,7 +153,7 @@ def test_callback_on_step_end(sd15):
         **FAST,
     )
     assert [s for s, _, _ in seen] == [0, 1]
-    assert seen[0][1] == seen[0][2].shape == (1, 4, 8, 8)
+    assert seen[0][1] == seen[0][2].shape == (1, 4, 4, 4)  # 8 px, prior x2, VAE /4
     expected = decode_latents(sd15.vae, seen[-1][2])
     torch.testing.assert_close(out.generated_images, expected, atol=1e-6, rtol=0)
     plain = sd15(image, generator=_gen(), output_type="pt", color_fix="none", **FAST)

@@ -66,7 +66,7 @@ def test_saved_folders_look_like_hub_repos(tmp_path, kind, cls, scheduler):
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (folder / "tokenizer" / "vocab.json").is_file()
     pipe = cls.from_pretrained(folder)
-    assert pipe.vae_scale_factor == 2
+    assert pipe.vae_scale_factor == 4
 
 
 def test_tiny_prior_and_controlnet_shapes():
@@ -78,7 +78,7 @@ def test_tiny_prior_and_controlnet_shapes():
         torch.randn(1, 4, 8, 8),
         10,
         encoder_hidden_states=torch.randn(1, 77, 32),
-        controlnet_cond=torch.rand(1, 3, 16, 16),
+        controlnet_cond=torch.rand(1, 3, 32, 32),  # the VAE factor (4) times the latent
         return_dict=False,
     )
     assert mid.abs().sum() > 0  # not the zero-initialised no-op
