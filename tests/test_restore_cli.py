@@ -147,3 +147,36 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
     assert main(["restore", str(folder), "-o", str(tmp_path / "o"),
                  "generate.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_two_processes_split_a_folder_with_the_same_outputs_as_one(tmp_path):
+    """Two CPU processes (torchrun, which ``accelerate launch`` wraps on GPUs; accelerate's
+    ``PartialState`` picks up the world from its environment): every image once, same pixels."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(_photo(size=(24, 16), seed=i)).save(src / f"{i}.png")
+    common = [str(src), "--config", "tiny", "--quiet", "generate.num_inference_steps=2"]
+    # Same launcher and thread count for both runs: CPU float results depend on the threads.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+
+    def launch(processes: int, out: Path) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+               str(processes), "--master_port", str(29517 + processes), "-m",
+               "raim_diffusion.cli", "restore", *common, "-o", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    launch(1, tmp_path / "one")
+    log = launch(2, tmp_path / "two")
+    assert "raim restore.rank0" in log and "raim restore.rank1" in log
+    assert "5 restored" not in log  # each process did only its share
+    one = sorted((tmp_path / "one").glob("*.png"))
+    two = sorted((tmp_path / "two").glob("*.png"))
+    assert [p.name for p in one] == [p.name for p in two] == [f"{i}.png" for i in range(5)]
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(load_image(a).tensor, load_image(b).tensor), a.name

@@ -139,7 +139,12 @@ def run(args: argparse.Namespace) -> int:
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    state = PartialState()
+    import torch
+
+    # On machines without CUDA (or with --device cpu) several processes still split the work
+    # (torchrun / mpirun), over gloo or MPI.
+    on_cpu = not torch.cuda.is_available() or str(config.device or "").startswith("cpu")
+    state = PartialState(cpu=on_cpu)
     device = config.device or str(state.device)
     restore = build_restorer(config, device=device, dtype=args.dtype)
     if state.is_main_process:
