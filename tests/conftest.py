@@ -8,3 +8,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tiny models on a shared 2-core machine: one thread per test process is ~100x faster than
+# two threads fighting for the cores (pytest-xdist runs one process per core). Subprocesses
+# (notebook kernels, torchrun workers) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402 - after the environment above
+
+torch.set_num_threads(1)

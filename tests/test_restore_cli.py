@@ -147,6 +147,11 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
     assert main(["restore", str(folder), "-o", str(tmp_path / "o"),
                  "generate.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+    # A model that is neither cached nor reachable: the error names it and says what to do.
+    assert main(["restore", str(folder), "-o", str(tmp_path / "o"), "--config", "sdxl",
+                 "--model", "someone/not-downloaded-model"]) == 2
+    err = capsys.readouterr().err
+    assert "someone/not-downloaded-model" in err and "download" in err
 
 
 def test_two_processes_split_a_folder_with_the_same_outputs_as_one(tmp_path):

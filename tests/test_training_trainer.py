@@ -212,6 +212,21 @@ def test_cli_train_fusion(photos: Path, val_photos: Path, tmp_path: Path) -> Non
     assert len(list((out / "val" / "step_00000002").glob("*.png"))) == 1
     with open(out / "val_metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 3]
+    # The trained network is what RaimPipeline's stage 4 runs.
+    from raim_diffusion.cli import main
+    from raim_diffusion.config import load_config
+    from raim_diffusion.restorer import build_restorer
+
+    overrides = [f"fuse.fusion={out / 'fusion'}", "generate.num_inference_steps=2"]
+    restorer = build_restorer(load_config("tiny", overrides), device="cpu")
+    assert isinstance(restorer.pipe.fusion, FusionNet)
+    trained = FusionNet.from_pretrained(out / "fusion")
+    for a, b in zip(restorer.pipe.fusion.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(a, b)
+    restored = tmp_path / "restored"
+    assert main(["restore", str(val_photos), "-o", str(restored), "--config", "tiny", "--quiet",
+                 *overrides]) == 0
+    assert (restored / "ihc.png").is_file()
     bad = parser.parse_args(
         ["train-fusion", "--data", str(photos), "--out", str(out), "--config", "missing-preset"]
     )

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     from raim_diffusion.batch import plan_jobs, run_jobs, run_record, write_json
     from raim_diffusion.config import load_config, make_tiny, validate_config
+    from raim_diffusion.errors import MissingWeightsError
     from raim_diffusion.restorer import build_restorer
 
     inputs, overrides = _split_inputs(args.inputs)
@@ -146,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
     on_cpu = not torch.cuda.is_available() or str(config.device or "").startswith("cpu")
     state = PartialState(cpu=on_cpu)
     device = config.device or str(state.device)
-    restore = build_restorer(config, device=device, dtype=args.dtype)
+    try:
+        restore = build_restorer(config, device=device, dtype=args.dtype)
+    except (MissingWeightsError, FileNotFoundError, ValueError) as err:
+        print(f"raim restore: {err}", file=sys.stderr)
+        return 2
     if state.is_main_process:
         record = run_record(OmegaConf.to_container(config, resolve=True),
                             {"inputs": inputs, "images": len(jobs),
