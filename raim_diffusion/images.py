@@ -421,16 +421,7 @@ def _decode_bytes(data: bytes, name: str, max_pixels: int | None) -> _Pixels:
                 pixels = _decode_with_cv2(data, name, orientation)
                 pixels.icc_profile = icc
             else:
-                try:
-                    im.load()  # force the full decode so truncated data fails here, not later
-                except Exception as e:
-                    raise InvalidImageError(
-                        f"{name}: image data is truncated or corrupt ({type(e).__name__}: {e})"
-                    ) from e
-                orientation = _exif_orientation(im, name)
-                if orientation != 1:
-                    im = im.transpose(_ORIENTATION_TO_TRANSPOSE[orientation])
-                pixels = _pil_to_pixels(im, name)
+                pixels = _upright_pixels(im, name)
     pixels.format = file_format
     return pixels
 
@@ -672,6 +663,14 @@ def _read_file(path: Path) -> bytes:
 def _decode_pil(im: Image.Image, max_pixels: int | None) -> _Pixels:
     name = str(getattr(im, "filename", "") or "<PIL image>")
     _check_pixels(im.width, im.height, name, max_pixels)
+    pixels = _upright_pixels(im, name)
+    pixels.format = im.format
+    return pixels
+
+
+def _upright_pixels(im: Image.Image, name: str) -> _Pixels:
+    """Fully decode ``im`` (so truncated data fails here, not later) and apply its EXIF
+    orientation."""
     try:
         im.load()
     except Exception as e:
@@ -681,9 +680,7 @@ def _decode_pil(im: Image.Image, max_pixels: int | None) -> _Pixels:
     orientation = _exif_orientation(im, name)
     if orientation != 1:
         im = im.transpose(_ORIENTATION_TO_TRANSPOSE[orientation])
-    pixels = _pil_to_pixels(im, name)
-    pixels.format = im.format
-    return pixels
+    return _pil_to_pixels(im, name)
 
 
 def to_tensor(

@@ -33,7 +33,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from .artifacts import ArtifactDetector, ArtifactResult
 from .artifacts.segmentation import TransformersSegmenter
 from .diffusion.color import color_fix as apply_color_fix
-from .diffusion.guidance import CONSISTENCY_SCHEDULES, consistency_weights
+from .diffusion.guidance import check_consistency_args, consistency_weights
 from .diffusion.loop import (
     add_noise,
     auto_latent_tile,
@@ -466,15 +466,7 @@ class RaimPipeline(DiffusionPipeline):
             raise ValueError(f"strength={strength!r} must be in (0, 1]")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0")
-        if not 0.0 <= consistency_weight <= 1.0:
-            raise ValueError(f"consistency_weight={consistency_weight!r} must be in [0, 1]")
-        if consistency_schedule not in CONSISTENCY_SCHEDULES:
-            raise ValueError(
-                f"consistency_schedule={consistency_schedule!r} is not supported; use one of "
-                f"{CONSISTENCY_SCHEDULES}"
-            )
-        if not 0.0 <= consistency_stop <= 1.0:
-            raise ValueError(f"consistency_stop={consistency_stop!r} must be in [0, 1]")
+        check_consistency_args(consistency_weight, consistency_schedule, consistency_stop)
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix={color_fix!r} is not supported; use one of {COLOR_FIXES}")
         if upscale is not None and not upscale > 0:

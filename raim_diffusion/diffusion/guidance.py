@@ -170,6 +170,19 @@ def apply_consistency(
     return torch.where(weight > 0, guided, model_output.float()).to(model_output.dtype)
 
 
+def check_consistency_args(weight: float, schedule: str, stop: float) -> None:
+    """Raise `ValueError` naming the argument when a consistency-guidance setting is invalid."""
+    if schedule not in CONSISTENCY_SCHEDULES:
+        raise ValueError(
+            f"consistency_schedule={schedule!r} is not supported; "
+            f"use one of {CONSISTENCY_SCHEDULES}"
+        )
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"consistency_weight={weight!r} must be in [0, 1]")
+    if not 0.0 <= stop <= 1.0:
+        raise ValueError(f"consistency_stop={stop!r} must be in [0, 1]")
+
+
 def consistency_weights(
     schedule: str,
     weight: float,
@@ -209,15 +222,7 @@ def consistency_weights(
     Returns:
         `torch.Tensor`: float32, shape ``(num_steps,)``.
     """
-    if schedule not in CONSISTENCY_SCHEDULES:
-        raise ValueError(
-            f"consistency_schedule={schedule!r} is not supported; "
-            f"use one of {CONSISTENCY_SCHEDULES}"
-        )
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"consistency_weight={weight!r} must be in [0, 1]")
-    if not 0.0 <= stop <= 1.0:
-        raise ValueError(f"consistency_stop={stop!r} must be in [0, 1]")
+    check_consistency_args(weight, schedule, stop)
     if not 0.0 <= early <= 1.0:
         raise ValueError(f"early={early!r} must be in [0, 1]")
     if num_steps < 0:
