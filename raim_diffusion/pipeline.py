@@ -41,7 +41,7 @@ from .diffusion.loop import (
     img2img_timesteps,
     step_sigmas,
 )
-from .diffusion.vae import decode_latents, encode_latents
+from .diffusion.vae import auto_vae_tile, decode_latents, encode_latents
 from .errors import MissingWeightsError
 from .fusion import FusionNet, fuse
 from .images import to_numpy, to_pil, to_tensor
@@ -538,6 +538,11 @@ class RaimPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
 
         # 2a. The prior's latent: the posterior mean, so it does not depend on the seed.
+        # VAE tiles: None picks a size from free memory (untiled when it fits), 0 never tiles.
+        if vae_tile is None:
+            vae_tile = auto_vae_tile(*x_prior.shape[-2:], device)
+        elif vae_tile == 0:
+            vae_tile = None
         # Overlaps scale with the tile so that small tiles do not degenerate into 1-px strides.
         vae_overlap = None if vae_tile is None else min(64, vae_tile // 4)
         z_prior = encode_latents(
@@ -705,7 +710,8 @@ class RaimPipeline(DiffusionPipeline):
             tile (`int`, *optional*): latent tile size of the denoising loop; `None` picks one
                 from free device memory (no tiling when the latent fits), 0 never tiles.
             tile_overlap (`int`, *optional*): latent tile overlap, ``tile // 4`` by default.
-            vae_tile (`int`, *optional*): pixel tile size of the VAE; `None` runs it whole.
+            vae_tile (`int`, *optional*): pixel tile size of the VAE; `None` picks one from free
+                device memory (untiled when the image fits), 0 never tiles.
             controlnet_conditioning_scale (`float`, defaults to 1.0): ControlNet strength.
             control_guidance_start (`float`, defaults to 0.0), control_guidance_end (`float`,
                 defaults to 1.0): fraction of the steps where the ControlNet is applied.
