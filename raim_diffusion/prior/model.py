@@ -600,14 +600,20 @@ class PriorModel(ModelMixin, ConfigMixin):
         self.register_to_config(tile=0)
 
     def _auto_tile(self, x: torch.Tensor) -> int | None:
-        """Pick a tile size for ``x`` from free memory; `None` when the image fits."""
+        """Pick a tile size for ``x`` from free device (or host) memory; `None` when it fits."""
         if any(m.tiling == ModelTiling.INTERNAL for m in self._descriptors):
             return None
         n, _, h, w = x.shape
         device = next(self.members.parameters()).device
-        if device.type != "cuda":
-            return None if max(h, w) <= _CPU_AUTO_TILE else self._round_tile(_CPU_AUTO_TILE, 8)
-        free, _ = torch.cuda.mem_get_info(device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        else:
+            try:  # host memory: the same budget, so large photos stay untiled where they fit
+                import psutil
+
+                free = psutil.virtual_memory().available
+            except ImportError:
+                return None if max(h, w) <= _CPU_AUTO_TILE else self._round_tile(_CPU_AUTO_TILE, 8)
         elem = max(torch.finfo(d).bits // 8 for d in self.member_dtypes())
         # Rough activation footprint per input pixel: ~1k feature maps at input resolution
         # plus ~128 at output resolution (RRDBNet, SwinIR and HAT sit below this), and half
