@@ -137,6 +137,9 @@ class Restorer:
                 det.params, segmenter=det.segmenter or "none", refiner=refiner,
                 device=self.device,
             )
+            # Load the segmentation model now: a missing one must stop the job before the first
+            # image, not fail every image one by one.
+            self.detector.segmenter  # noqa: B018
             self.record["detector"] = self.detector.config.to_dict()
         self.kwargs = call_kwargs(gen)
         self.record["call"] = resolved_call_kwargs(gen)

@@ -152,6 +152,15 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
                  "--model", "someone/not-downloaded-model"]) == 2
     err = capsys.readouterr().err
     assert "someone/not-downloaded-model" in err and "download" in err
+    # Likewise a segmentation model: the job stops before the first image.
+    from raim_diffusion.restorer import resolve_model
+
+    out = tmp_path / "o2"
+    assert main(["restore", str(folder), "-o", str(out), "--config", "tiny",
+                 "detect.segmenter=someone/not-downloaded-segformer",
+                 f"generate.model={resolve_model('tiny:sd15')}"]) == 2
+    assert "someone/not-downloaded-segformer" in capsys.readouterr().err
+    assert not list(out.glob("*.jpg"))
 
 
 def test_two_processes_split_a_folder_with_the_same_outputs_as_one(tmp_path):
