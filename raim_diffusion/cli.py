@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``raim`` console script; returns the process exit status."""
+    import logging
+
+    # bitsandbytes (pulled in by pyiqa) warns on import about an optional CPU kernel package
+    # that raim never uses; keep the command's output to what matters.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Commands whose positionals may come after options (``raim restore in/ -o out/ key=value``)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -85,7 +86,11 @@ def descriptor_from_state_dict(state_dict: dict[str, Any], source: str) -> Image
     """
     state_dict = spandrel.canonicalize_state_dict(state_dict)
     try:
-        descriptor = spandrel_registry().load(state_dict)
+        with warnings.catch_warnings():
+            # Some architectures script helpers with torch.jit at build time; torch deprecates
+            # that, which is spandrel's business, not the user's.
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            descriptor = spandrel_registry().load(state_dict)
     except spandrel.UnsupportedModelError as err:
         raise ValueError(
             f"{source}: unsupported architecture; the weights match none of the "
