@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines import pipeline_utils as _pipeline_utils
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -69,6 +70,9 @@ DEFAULT_NEGATIVE_PROMPT = (
     "lowres, low quality, worst quality, watermark, text, signature, deformed, distorted"
 )
 
+# diffusers renamed ``torch_dtype`` to ``dtype`` (and deprecated the old name); use whichever
+# the installed version understands.
+_DTYPE_KWARG = "dtype" if hasattr(_pipeline_utils, "_resolve_dtype") else "torch_dtype"
 STAGES = ("prior", "generate", "detect", "fuse")
 OUTPUT_TYPES = ("pil", "np", "pt")
 COLOR_FIXES = ("wavelet", "adain", "none")
@@ -273,17 +277,19 @@ class RaimPipeline(DiffusionPipeline):
             MissingWeightsError: the pipeline, ControlNet or prior weights are neither local nor
                 downloadable; the message says which and how to provide them.
         """
-        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        if dtype is not None:
+            # Newer diffusers call the argument ``dtype`` and warn on ``torch_dtype``.
+            kwargs[_DTYPE_KWARG] = dtype
         if prior is not None and not isinstance(prior, PriorModel):
             prior = load_prior(prior, dtype=dtype if isinstance(dtype, torch.dtype) else None)
         if controlnet is not None and not isinstance(controlnet, ControlNetModel):
             hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision")
                    if k in kwargs}  # fmt: skip
             try:
-                controlnet = ControlNetModel.from_pretrained(
-                    controlnet, torch_dtype=dtype if isinstance(dtype, torch.dtype) else None,
-                    **hub,
-                )
+                if isinstance(dtype, torch.dtype):
+                    hub[_DTYPE_KWARG] = dtype
+                controlnet = ControlNetModel.from_pretrained(controlnet, **hub)
             except (OSError, ConnectionError) as err:
                 if _is_missing_weights(err, controlnet):
                     raise missing_weights_error(controlnet, err) from err
