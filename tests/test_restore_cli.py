@@ -152,6 +152,9 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
                  "--model", "someone/not-downloaded-model"]) == 2
     err = capsys.readouterr().err
     assert "someone/not-downloaded-model" in err and "download" in err
+    if not torch.cuda.is_available():
+        assert main(["restore", str(folder), "-o", str(tmp_path / "o"), "--device", "cuda"]) == 2
+        assert "no CUDA" in capsys.readouterr().err
     # Likewise a segmentation model: the job stops before the first image.
     from raim_diffusion.restorer import resolve_model
 

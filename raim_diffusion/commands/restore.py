@@ -142,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     import torch
 
+    if str(config.device or "").startswith("cuda") and not torch.cuda.is_available():
+        print(f"raim restore: --device {config.device} was asked for, but torch sees no CUDA "
+              "device here; use --device cpu or leave --device out", file=sys.stderr)
+        return 2
     # On machines without CUDA (or with --device cpu) several processes still split the work
     # (torchrun / mpirun), over gloo or MPI.
     on_cpu = not torch.cuda.is_available() or str(config.device or "").startswith("cpu")
