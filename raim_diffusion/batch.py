@@ -38,11 +38,13 @@ class Job:
 
     source: Path
     target: Path
+    relative: Path | None = None  # the target's path under the output folder
 
     @property
     def key(self) -> str:
-        """Stable identity of the job (its output name), independent of machine and shard."""
-        return self.target.name
+        """Stable identity of the job (its output path under the output folder), independent
+        of machine, shard and where the output folder lives."""
+        return (self.relative or Path(self.target.name)).as_posix()
 
 
 @dataclass
@@ -73,7 +75,7 @@ def plan_jobs(
     """
     sources = list(dict.fromkeys(p.resolve() for p in find_images(list(inputs))))
     targets = output_paths(sources, outdir, suffix=suffix)
-    return [Job(s, t) for s, t in zip(sources, targets, strict=True)]
+    return [Job(s, t, t.relative_to(outdir)) for s, t in zip(sources, targets, strict=True)]
 
 
 def image_seed(run_seed: int, job: Job) -> int:
@@ -129,9 +131,9 @@ def run_jobs(
             if alpha is not None:
                 alpha = resize_alpha(alpha, tuple(result.image.shape[-2:]))
             if intermediates_dir is not None:
-                rel = job.target.name
                 for name, tensor in result.intermediates.items():
-                    path = (intermediates_dir / name / rel).with_suffix(".png")
+                    # Mirrors the output layout, so same-named images in sub-folders stay apart.
+                    path = (intermediates_dir / name / job.key).with_suffix(".png")
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save_image(tensor, path)
             job.target.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,11 @@ def test_image_seeds_depend_on_the_image_not_the_order():
     a, b = Job(Path("x/a.png"), Path("o/a.png")), Job(Path("y/b.png"), Path("o/b.png"))
     assert image_seed(0, a) == image_seed(0, Job(Path("elsewhere/a.png"), Path("o/a.png")))
     assert image_seed(0, a) != image_seed(0, b) and image_seed(0, a) != image_seed(1, a)
+    # Same name in different sub-folders: different jobs, whatever the output folder is.
+    jobs = [Job(Path("in/a.png"), Path(f"{root}/{rel}"), Path(rel))
+            for root in ("out1", "elsewhere/out2") for rel in ("a.png", "sub/a.png")]
+    assert image_seed(0, jobs[0]) == image_seed(0, jobs[2]) != image_seed(0, jobs[1])
+    assert image_seed(0, jobs[1]) == image_seed(0, jobs[3])
 
 
 def test_tiny_pipeline_restore_and_same_output_on_rerun(folder, tmp_path):
