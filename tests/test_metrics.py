@@ -2,7 +2,7 @@
 
 PSNR and SSIM are checked against independent numpy / scikit-image computations on real photos
 (`skimage.data`) degraded by real JPEG compression. NIQE runs offline with the MATLAB pristine
-parameters of ``/work/shared/data`` (or ``RAIM_NIQE_PARAMS``) copied into a temporary
+parameters of ``../shared/data`` (or ``RAIM_NIQE_PARAMS``) copied into a temporary
 ``TORCH_HOME``. LPIPS/DISTS weights cannot be obtained offline here: their value tests are
 skipped when the files are absent, the missing-files error is tested instead.
 """
@@ -38,7 +38,11 @@ from raim_diffusion.metrics import (  # noqa: E402
 )
 from raim_diffusion.metrics.evaluate import PairingError  # noqa: E402
 
-NIQE_PARAMS = Path(os.environ.get("RAIM_NIQE_PARAMS", "/work/shared/data/niqe_modelparameters.mat"))
+# The MATLAB NIQE parameters from ../shared/data, beside the checkout (as CI lays it out).
+NIQE_PARAMS = Path(
+    os.environ.get("RAIM_NIQE_PARAMS")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "niqe_modelparameters.mat"
+)
 SIZE = 192  # NIQE needs several 96x96 blocks; small enough for a fast CPU test
 
 

@@ -9,10 +9,8 @@ and the distance to the pristine model ``niqe_modelparameters.mat``.
 
 from __future__ import annotations
 
-import os
 import shutil
 from math import gamma
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +23,7 @@ from scipy.ndimage import correlate  # noqa: E402
 from scipy.special import gammaln  # noqa: E402
 
 from raim_diffusion.metrics import IQAMetrics  # noqa: E402
-
-NIQE_PARAMS = Path(os.environ.get("RAIM_NIQE_PARAMS", "/work/shared/data/niqe_modelparameters.mat"))
+from tests.test_metrics import NIQE_PARAMS, _luma255  # noqa: E402 - one copy of each
 
 
 def _cubic(x):
@@ -109,16 +106,6 @@ def niqe_numpy(y, params_path, block=96):
     mu_d, cov_d = d.mean(0), np.cov(d, rowvar=False)
     diff = mu_p - mu_d
     return float(np.sqrt(diff @ np.linalg.pinv((cov_p + cov_d) / 2) @ diff))
-
-
-def _luma255(a: np.ndarray) -> np.ndarray:
-    x = a.astype(np.float32) / 255
-    y = (
-        x[..., 0] * np.float32(0.299)
-        + x[..., 1] * np.float32(0.587)
-        + x[..., 2] * np.float32(0.114)
-    )
-    return np.round(y * 255).astype(np.float64)
 
 
 def test_half_resize_matches_matlab_properties():
