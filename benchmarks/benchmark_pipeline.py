@@ -57,7 +57,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from raim_diffusion.artifacts import ArtifactDetector
 from raim_diffusion.fusion import PRESETS as FUSION_PRESETS
 from raim_diffusion.fusion import FusionNet
-from raim_diffusion.images import atomic_write, to_tensor
+from raim_diffusion.files import atomic_write
+from raim_diffusion.images import to_tensor
 from raim_diffusion.pipeline import RaimPipeline
 from raim_diffusion.prior import load_prior
 from raim_diffusion.testing import tiny_clip_tokenizer, tiny_components, tiny_prior

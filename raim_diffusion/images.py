@@ -10,9 +10,8 @@ alpha channels, CMYK, ICC profiles and EXIF orientation:
 - :func:`to_tensor` turns one image or a list of same-sized images into one (N, 3, H, W) batch.
 - :func:`save_image` writes PNG / JPEG / WebP / TIFF / BMP atomically, 8- or 16-bit, with alpha.
 - :func:`to_pil` and :func:`to_numpy` convert tensors for display and for other libraries.
-- :func:`atomic_write` is the one way the package writes any file (images, json, csv, html).
-- :func:`find_images` expands files, folders and glob patterns into a sorted list of images, and
-  :func:`output_paths` maps them to output paths under an output folder.
+
+Finding inputs, output paths and atomic writes live in :mod:`raim_diffusion.files`.
 
 Bad input raises :class:`~raim_diffusion.errors.InvalidImageError` (a ``ValueError``) whose message
 names the file (or the argument) and the problem; a wrong Python type raises ``TypeError``.
@@ -21,36 +20,31 @@ names the file (or the argument) and the problem; a wrong Python type raises ``T
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import os
-import secrets
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.utils import logging
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidImageError
+from .files import IMAGE_SUFFIXES, atomic_write
+from .ops import resize
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "IMAGE_SUFFIXES",
     "LoadedImage",
-    "atomic_write",
-    "find_images",
     "load_image",
-    "output_paths",
     "resize_alpha",
     "save_image",
     "to_numpy",
@@ -58,8 +52,6 @@ __all__ = [
     "to_tensor",
 ]
 
-#: Suffixes (lower case) that :func:`find_images` picks up when scanning folders and globs.
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 
 #: Default limit on width * height for decoded files (about 134 megapixels, e.g. 16384 x 8192).
 #: It stays below Pillow's own hard decompression-bomb limit (2 * ``PIL.Image.MAX_IMAGE_PIXELS``,
@@ -82,7 +74,6 @@ _SUFFIX_TO_FORMAT = {
 _SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
 _ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "BMP")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-_GLOB_CHARS = frozenset("*?[")
 # zlib level 4 writes a 12-megapixel photo about 2.5x faster than Pillow's default 6, for files
 # about 5% larger: the better trade for batch outputs.
 _PNG_COMPRESS_LEVEL = 4
@@ -806,9 +797,10 @@ def _quantize(x: torch.Tensor, bit_depth: int) -> np.ndarray:
 
 
 def resize_alpha(
-    alpha: torch.Tensor | None, size: tuple[int, int], *, antialias: bool = True
+    alpha: torch.Tensor | None, size: tuple[int, int]
 ) -> torch.Tensor | None:
-    """Resize an alpha channel to the output size, the way images are resized (bicubic).
+    """Resize an alpha channel to the output size, the way images are resized
+    (`raim_diffusion.ops.resize`).
 
     Use it when a stage changed the image size (e.g. a x4 prior): the input's alpha is brought
     to the output size and clamped back to [0, 1] (bicubic overshoots at hard edges).
@@ -817,7 +809,6 @@ def resize_alpha(
         alpha (`torch.Tensor` or `None`): (N, 1, h, w) or (1, h, w) alpha in [0, 1]; `None` is
             passed through.
         size (`tuple[int, int]`): target (height, width).
-        antialias (`bool`, defaults to `True`): low-pass when shrinking, as PIL does.
 
     Returns:
         `torch.Tensor` or `None`: (N, 1, height, width) float alpha, or `None`.
@@ -833,72 +824,12 @@ def resize_alpha(
     if tuple(a.shape[-2:]) == size:
         return a
     dtype = a.dtype if a.dtype.is_floating_point else torch.float32
-    out = F.interpolate(
-        a.to(torch.float32), size=size, mode="bicubic", align_corners=False, antialias=antialias
-    )
-    return out.clamp_(0.0, 1.0).to(dtype)
+    return resize(a.to(torch.float32), size).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_write(
-    path: str | os.PathLike,
-    mode: str = "wb",
-    *,
-    encoding: str | None = None,
-    newline: str | None = None,
-) -> Iterator[IO[Any]]:
-    """Write a file so that it appears complete under its final name, or not at all.
-
-    The data goes to a hidden temporary file in the same folder, which is flushed, synced and
-    then renamed over `path` with ``os.replace`` (atomic on POSIX and Windows). If the body of
-    the ``with`` block raises, the temporary file is removed and `path` is left as it was.
-    Missing parent folders are created. The file gets the usual permissions (umask applies).
-
-    Args:
-        path (`str` or `os.PathLike`): the final file name.
-        mode (`str`, defaults to `"wb"`): `"wb"` for bytes, `"w"` (or `"wt"`) for text.
-        encoding (`str`, *optional*): text encoding; UTF-8 by default in text mode.
-        newline (`str`, *optional*): passed to `open` in text mode (e.g. `""` for csv).
-
-    Yields:
-        The open file object.
-
-    Example:
-        ```py
-        with atomic_write("out/report.json", "w") as f:
-            json.dump(results, f)
-        ```
-    """
-    if mode not in ("w", "wt", "wb"):
-        raise ValueError(f"`mode` must be 'w', 'wt' or 'wb' (a whole new file), got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide the permissions, unlike tempfile's 0o600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        if "b" in mode:
-            f = os.fdopen(fd, "wb")
-        else:
-            f = os.fdopen(fd, "w", encoding=encoding or "utf-8", newline=newline)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _image_format_for(path: Path) -> str:
@@ -1108,112 +1039,3 @@ def _alpha_for_saving(alpha: torch.Tensor | np.ndarray, size: torch.Size) -> tor
             f"(1, 1, {size[0]}, {size[1]}) (use resize_alpha after rescaling)"
         )
     return a
-
-
-# --------------------------------------------------------------------------------------------
-# Finding files
-# --------------------------------------------------------------------------------------------
-
-
-def _scan_folder(folder: Path, recursive: bool) -> list[Path]:
-    found = []
-    if recursive:
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found.extend(Path(dirpath) / f for f in filenames)
-    else:
-        found = [p for p in folder.iterdir() if p.is_file()]
-    return [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
-
-
-def find_images(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike], *, recursive: bool = True
-) -> list[Path]:
-    """Expand files, folders and glob patterns into a sorted list of image files.
-
-    Folders are searched (recursively by default) and glob patterns (``*``, ``?``, ``[...]``,
-    ``**``; folders they match are searched too) expanded, keeping files whose suffix is in
-    :data:`IMAGE_SUFFIXES` (any letter case) and skipping hidden files and folders (names starting
-    with ".", e.g. macOS "._x.jpg" and unfinished atomic writes). A file named explicitly is kept
-    whatever its suffix: the user asked for it, and reading it reports any problem. ``~`` is
-    expanded.
-
-    Args:
-        inputs (`str`, `os.PathLike` or a list of them): files, folders and glob patterns.
-        recursive (`bool`, defaults to `True`): search sub-folders of folders.
-
-    Returns:
-        `list[pathlib.Path]`: the images, sorted, each once.
-
-    Raises:
-        FileNotFoundError: a path that does not exist, or a pattern that matches no image.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    found: dict[Path, Path] = {}
-    for item in inputs:
-        text = os.path.expanduser(os.fspath(item))
-        path = Path(text)
-        if path.is_dir():
-            matches = _scan_folder(path, recursive)
-        elif path.is_file():
-            matches = [path]
-        elif _GLOB_CHARS & set(text):
-            matches = []
-            for m in map(Path, sorted(glob.glob(text, recursive=True))):
-                if m.is_dir():  # "photos/*" also means the images inside sub-folders
-                    matches.extend(_scan_folder(m, recursive))
-                elif m.suffix.lower() in IMAGE_SUFFIXES and not m.name.startswith("."):
-                    matches.append(m)
-            if not matches:
-                raise FileNotFoundError(f"{text}: pattern matches no image files")
-        else:
-            raise FileNotFoundError(f"{text}: no such file or folder")
-        for m in matches:
-            found.setdefault(m.resolve(), m)
-    return sorted(found.values())
-
-
-def output_paths(
-    paths: Sequence[str | os.PathLike],
-    output_dir: str | os.PathLike,
-    *,
-    suffix: str | None = None,
-) -> list[Path]:
-    """Map input images to output paths under `output_dir`, mirroring their sub-folders.
-
-    Paths are taken relative to the deepest folder that holds all inputs, so
-    ``in/a.png, in/sub/b.png -> out/a.png, out/sub/b.png`` and two inputs never share an output.
-
-    Args:
-        paths (`list` of paths): the inputs, e.g. from :func:`find_images`.
-        output_dir (`str` or `os.PathLike`): the output folder.
-        suffix (`str`, *optional*): replace each suffix (e.g. ".png"); keep it by default.
-
-    Returns:
-        `list[pathlib.Path]`: one output path per input, in the same order.
-
-    Raises:
-        ValueError: an unsupported `suffix`, or two inputs that would be written to one file
-            (e.g. ``a.jpg`` and ``a.png`` with ``suffix=".png"``).
-    """
-    if suffix is not None:
-        suffix = suffix if suffix.startswith(".") else f".{suffix}"
-        if suffix.lower() not in _SUFFIX_TO_FORMAT:
-            raise ValueError(f"`suffix` must be one of {', '.join(IMAGE_SUFFIXES)}, got {suffix!r}")
-    absolute = [Path(p).absolute() for p in paths]
-    if not absolute:
-        return []
-    try:
-        root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
-        rels = [p.relative_to(root) for p in absolute]
-    except ValueError:  # different drives on Windows: fall back to the names
-        rels = [Path(p.name) for p in absolute]
-    out_dir = Path(output_dir)
-    outputs = [out_dir / (r.with_suffix(suffix) if suffix else r) for r in rels]
-    seen: dict[Path, Path] = {}
-    for src, dst in zip(paths, outputs, strict=True):
-        if dst in seen:
-            raise ValueError(f"{seen[dst]} and {src} would both be written to {dst}")
-        seen[dst] = Path(src)
-    return outputs

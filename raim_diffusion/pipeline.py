@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines import pipeline_utils as _pipeline_utils
@@ -46,6 +45,7 @@ from .diffusion.vae import auto_vae_tile, decode_latents, encode_latents
 from .errors import MissingWeightsError
 from .fusion import FusionNet, fuse
 from .images import to_numpy, to_pil, to_tensor
+from .ops import crop, pad_to_multiple, resize
 from .prior import PriorModel, load_prior
 
 logger = logging.get_logger(__name__)
@@ -135,25 +135,6 @@ def _is_missing_weights(error: BaseException, model: str | os.PathLike) -> bool:
     if isinstance(error, (OSError, ConnectionError)):
         return not Path(str(model)).is_dir()
     return False
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize with antialiasing (for downscaling), clamped to [0, 1]."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(
-        0, 1
-    )
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad bottom/right to a multiple of ``multiple`` by reflection (replicate when too small)."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
 def _as_list(value: str | Sequence[str] | None, n: int, name: str, default: str) -> list[str]:
@@ -395,7 +376,7 @@ class RaimPipeline(DiffusionPipeline):
         """Stage 1: the prior's restoration of ``x_lq`` at ``upscale`` times its size."""
         if self.prior is None:
             h, w = x_lq.shape[-2:]
-            return _resize(x_lq, (round(h * upscale), round(w * upscale)))
+            return resize(x_lq, (round(h * upscale), round(w * upscale)))
         # x_lq is on the execution device, where .to() or the offload hooks put the prior too.
         out = self.prior(x_lq, outscale=upscale)
         return out.float().to(x_lq.device).clamp(0, 1)
@@ -787,7 +768,7 @@ class RaimPipeline(DiffusionPipeline):
             x_prior = self.run_prior(x_lq, upscale)
         else:
             h, w = x_lq.shape[-2:]
-            x_prior = _resize(x_lq, (round(h * upscale), round(w * upscale)))
+            x_prior = resize(x_lq, (round(h * upscale), round(w * upscale)))
         target = tuple(x_prior.shape[-2:])
 
         # 2. Generate: consistency-guided img2img from the prior, at >= min_size, padded.
@@ -795,10 +776,10 @@ class RaimPipeline(DiffusionPipeline):
             x_work = x_prior
             if min_size is not None and min(target) < min_size:
                 factor = min_size / min(target)
-                x_work = _resize(x_prior, (round(target[0] * factor), round(target[1] * factor)))
+                x_work = resize(x_prior, (round(target[0] * factor), round(target[1] * factor)))
             work_hw = tuple(x_work.shape[-2:])
             x_gen = self.generate(
-                _pad_to_multiple(x_work, self.pad_multiple),
+                pad_to_multiple(x_work, self.pad_multiple),
                 prompts,
                 negatives,
                 num_inference_steps=num_inference_steps,
@@ -819,7 +800,7 @@ class RaimPipeline(DiffusionPipeline):
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             ).to(device)
-            x_gen = _resize(x_gen[..., : work_hw[0], : work_hw[1]], target)
+            x_gen = resize(crop(x_gen, work_hw), target)
             x_gen = apply_color_fix(x_gen, x_prior, color_fix)
         else:
             x_gen = x_prior
@@ -837,7 +818,7 @@ class RaimPipeline(DiffusionPipeline):
         # 4. Fuse: re-restore the masked regions, keep the rest of the generated image.
         x_out = x_gen
         if "fuse" in stages and masks is not None:
-            x_lq_up = _resize(x_lq, target)
+            x_lq_up = resize(x_lq, target)
             x_out = self.fuse_artifacts(x_lq_up, x_gen, x_prior, masks, tile=fusion_tile)
 
         self.maybe_free_model_hooks()

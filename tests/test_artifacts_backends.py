@@ -241,7 +241,7 @@ def _write_pair(folder_gen, folder_ref, name, gen, ref):
 
 
 def test_cli_mask_writes_outputs_and_reports_failures(tmp_path, capsys):
-    from raim_diffusion.commands import mask as mask_cmd
+    from raim_diffusion.runner.commands import mask as mask_cmd
 
     gen, ref, _ = _pair()
     _write_pair(tmp_path / "gen", tmp_path / "ref", "a", gen, ref)

@@ -7,14 +7,14 @@ import inspect
 import pytest
 from omegaconf import OmegaConf
 
-from raim_diffusion.config import (
+from raim_diffusion.pipeline import RaimPipeline
+from raim_diffusion.runner.config import (
     call_kwargs,
     list_presets,
     load_config,
     make_tiny,
     resolved_call_kwargs,
 )
-from raim_diffusion.pipeline import RaimPipeline
 
 PRESETS = ["sdxl", "sd15", "sd-turbo", "prior-only", "tiny", "xhs-iag", "so-elegant", "mialgo",
            "iip-ir", "hit-iil", "marshal"]

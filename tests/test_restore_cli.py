@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from raim_diffusion.batch import Job, Restored, image_seed, plan_jobs, run_jobs
 from raim_diffusion.cli import main
-from raim_diffusion.config import list_presets
 from raim_diffusion.images import load_image
+from raim_diffusion.runner.batch import Job, Restored, image_seed, plan_jobs, run_jobs
+from raim_diffusion.runner.config import list_presets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -161,7 +161,7 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
         assert main(["restore", str(folder), "-o", str(tmp_path / "o"), "--device", "cuda"]) == 2
         assert "no CUDA" in capsys.readouterr().err
     # Likewise a segmentation model: the job stops before the first image.
-    from raim_diffusion.restorer import resolve_model
+    from raim_diffusion.runner.restorer import resolve_model
 
     out = tmp_path / "o2"
     assert main(["restore", str(folder), "-o", str(out), "--config", "tiny",

@@ -180,7 +180,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(
 
 
 def test_cli_train_fusion(photos: Path, val_photos: Path, tmp_path: Path) -> None:
-    from raim_diffusion.commands import train_fusion
+    from raim_diffusion.runner.commands import train_fusion
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -214,8 +214,8 @@ def test_cli_train_fusion(photos: Path, val_photos: Path, tmp_path: Path) -> Non
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 3]
     # The trained network is what RaimPipeline's stage 4 runs.
     from raim_diffusion.cli import main
-    from raim_diffusion.config import load_config
-    from raim_diffusion.restorer import build_restorer
+    from raim_diffusion.runner.config import load_config
+    from raim_diffusion.runner.restorer import build_restorer
 
     overrides = [f"fuse.fusion={out / 'fusion'}", "generate.num_inference_steps=2"]
     restorer = build_restorer(load_config("tiny", overrides), device="cpu")

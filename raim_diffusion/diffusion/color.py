@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..ops import resize
+
 ColorFix = Literal["wavelet", "adain", "none"]
 COLOR_FIXES = ("wavelet", "adain", "none")
 
@@ -23,12 +25,6 @@ def _check_pair(x: torch.Tensor, ref: torch.Tensor) -> None:
             f"x and ref must have the same batch and channels, got {tuple(x.shape)} and "
             f"{tuple(ref.shape)}"
         )
-
-
-def _match_size(ref: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(ref.shape[-2:]) == size:
-        return ref
-    return F.interpolate(ref, size=size, mode="bicubic", antialias=True, align_corners=False)
 
 
 def adain_color_fix(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -83,7 +79,7 @@ def wavelet_color_fix(x: torch.Tensor, ref: torch.Tensor, levels: int = 5) -> to
         `torch.Tensor`: ``x - low(x) + low(ref)``, in ``x``'s dtype (linear in both inputs).
     """
     _check_pair(x, ref)
-    ref = _match_size(ref, tuple(x.shape[-2:]))
+    ref = resize(ref, tuple(x.shape[-2:]))
     out = x.float() - wavelet_lowpass(x, levels) + wavelet_lowpass(ref, levels)
     return out.to(x.dtype)
 

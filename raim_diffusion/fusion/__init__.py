@@ -7,8 +7,8 @@ low-quality input; without them, [`pyramid_blend`] blends the prior in seam-free
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..ops import resize
 from .blend import band_weight, pyramid_blend
 from .model import PRESETS, FusionNet, make_composite
 from .srformer import SRFormer, strip_official_buffers
@@ -43,9 +43,9 @@ def fuse(
         generated (`torch.Tensor`): ``(N, 3, H, W)`` generated image in [0, 1].
         prior (`torch.Tensor`, *optional*): ``(N, 3, H, W)`` prior result; the fill image of the
             blend fallback.
-        lq_up (`torch.Tensor`, *optional*): ``(N, 3, h, w)`` LQ input; resized bicubically to
-            ``H x W`` here when its size differs. Required by ``fusion``, and the fallback's fill
-            when there is no prior.
+        lq_up (`torch.Tensor`, *optional*): ``(N, 3, h, w)`` LQ input; resized to ``H x W``
+            (`raim_diffusion.ops.resize`) when its size differs. Required by ``fusion``, and
+            the fallback's fill when there is no prior.
         mask (`torch.Tensor`): ``(N or 1, 1, H, W)`` in [0, 1], 1 = artifact.
         fusion (`FusionNet`, *optional*): Trained network; without it the pyramid blend is used.
         tile (`int`, *optional*): Tile size for ``fusion``; `None` runs the whole image at once.
@@ -59,9 +59,7 @@ def fuse(
     if lq_up is not None and lq_up.shape[-2:] != generated.shape[-2:]:
         if lq_up.ndim != 4:
             raise ValueError(f"lq_up must be (N, 3, h, w), got {tuple(lq_up.shape)}")
-        size = tuple(generated.shape[-2:])
-        lq_up = F.interpolate(lq_up.float(), size=size, mode="bicubic", align_corners=False)
-        lq_up = lq_up.clamp(0, 1).to(generated.dtype)
+        lq_up = resize(lq_up, tuple(generated.shape[-2:])).to(generated.dtype)
     if fusion is not None:
         if lq_up is None:
             raise ValueError("lq_up is required when a fusion network is given")

@@ -25,22 +25,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..ops import pad
+
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
-
-
-def _pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
-    """Reflect-pad when the map is large enough, replicate otherwise."""
-    height, width = x.shape[-2:]
-    reflect = max(left, right) < width and max(top, bottom) < height
-    return F.pad(x, (left, right, top, bottom), "reflect" if reflect else "replicate")
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
     """Separable 5-tap binomial blur, per channel."""
     c = x.shape[1]
     k = torch.tensor(_BINOMIAL, dtype=x.dtype, device=x.device) / 16.0
-    x = F.conv2d(_pad(x, 2, 2, 0, 0), k.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
-    return F.conv2d(_pad(x, 0, 0, 2, 2), k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
+    x = F.conv2d(pad(x, 2, 2, 0, 0), k.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
+    return F.conv2d(pad(x, 0, 0, 2, 2), k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
 
 
 def _down(x: torch.Tensor) -> torch.Tensor:

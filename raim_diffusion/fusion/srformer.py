@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import pad_to_multiple
+
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 UPSAMPLERS = ("", "pixelshuffle", "pixelshuffledirect")
 MASK_VALUE = -100.0
@@ -762,20 +764,6 @@ class SRFormer(nn.Module):
             out = base + self.conv_last(res)
         out = out / self.img_range + out_mean
         return out[..., : height * self.upscale, : width * self.upscale]
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad the bottom/right of ``(..., H, W)`` to multiples of ``multiple``.
-
-    Reflect padding where the side allows it (pad < side), replicate otherwise (tiny inputs).
-    """
-    height, width = x.shape[-2:]
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    if pad_h:
-        x = F.pad(x, (0, 0, 0, pad_h), "reflect" if pad_h < height else "replicate")
-    if pad_w:
-        x = F.pad(x, (0, pad_w, 0, 0), "reflect" if pad_w < width else "replicate")
-    return x
 
 
 def _pixelshuffle_upsample(scale: int, num_feat: int) -> nn.Sequential:

@@ -11,6 +11,7 @@ from typing import IO, Any
 import torch
 from PIL import Image
 
+from .. import files as _files
 from .. import images as _images
 from ..errors import InvalidImageError
 
@@ -43,14 +44,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 def find_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder`` (recursive, hidden files skipped), sorted."""
     try:
-        return list(_images.find_images([folder]))
+        return list(_files.find_images([folder]))
     except FileNotFoundError:
         return []
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
-    """Atomic file write (`raim_diffusion.images.atomic_write`); text mode keeps newlines as is."""
+    """Atomic file write (`raim_diffusion.files.atomic_write`); text mode keeps newlines as is."""
     extra = {} if "b" in mode else {"newline": ""}
-    with _images.atomic_write(path, mode, **extra) as fh:
+    with _files.atomic_write(path, mode, **extra) as fh:
         yield fh

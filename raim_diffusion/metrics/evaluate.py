@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers.utils import logging
 
 from ..errors import InvalidImageError, RaimError
+from ..ops import resize
 from ._io import atomic_write, find_images, image_size, load_rgb
 from .conventions import ALL_METRICS, DEFAULT_CONVENTIONS, FULL_REFERENCE_METRICS, MetricConventions
 from .iqa import IQAMetrics, parse_metric_list
@@ -145,14 +145,6 @@ def _check_sizes(pairs: list[ImagePair], resize_pred: bool) -> tuple[dict, dict[
             "to resize predictions to the ground-truth size with antialiased bicubic."
         )
     return sizes, failures
-
-
-def _resize_to(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == hw:
-        return x
-    return F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp(
-        0, 1
-    )
 
 
 @dataclass
@@ -313,7 +305,7 @@ def evaluate_folders(
         preds, gts, names = [], [], []
         for pair in batch:
             try:
-                p = _resize_to(load_rgb(pair.pred), hw)
+                p = resize(load_rgb(pair.pred), hw)
                 g = load_rgb(pair.gt) if pair.gt is not None and iqa.needs_reference else None
             except InvalidImageError as exc:
                 failures[pair.name] = str(exc)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from raim_diffusion.errors import MissingWeightsError
-from raim_diffusion.images import atomic_write
+from raim_diffusion.files import atomic_write
 from raim_diffusion.prior.ncnn import NcnnFormatError, convert_ncnn
 from raim_diffusion.resources import cache_dir
 

@@ -25,13 +25,13 @@ from typing import Any
 import safetensors.torch
 import spandrel
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import logging
 from spandrel import ImageModelDescriptor, ModelTiling, SizeRequirements
 
 from raim_diffusion.errors import MissingWeightsError
+from raim_diffusion.ops import pad, resize
 from raim_diffusion.tiling import tiled_apply
 
 logger = logging.get_logger(__name__)
@@ -127,8 +127,7 @@ def _lcm(values: Sequence[int]) -> int:
 def pad_to_requirements(x: torch.Tensor, requirements: SizeRequirements) -> torch.Tensor:
     """Pad ``x`` at the bottom and right so that its size satisfies ``requirements``.
 
-    Reflection keeps image statistics at the border (no dark frame as with zero padding);
-    reflection cannot pad more than ``size - 1`` pixels, so any rest is replicated.
+    Border rule of `raim_diffusion.ops.pad` (reflection, replication beyond its reach).
 
     Args:
         x (`torch.Tensor`): ``(N, C, H, W)``.
@@ -140,26 +139,7 @@ def pad_to_requirements(x: torch.Tensor, requirements: SizeRequirements) -> torc
     """
     h, w = x.shape[-2:]
     pad_w, pad_h = requirements.get_padding(w, h)
-    if pad_w == 0 and pad_h == 0:
-        return x
-    reflect_w, reflect_h = min(pad_w, w - 1), min(pad_h, h - 1)
-    if reflect_w or reflect_h:
-        x = F.pad(x, (0, reflect_w, 0, reflect_h), mode="reflect")
-    if pad_w > reflect_w or pad_h > reflect_h:
-        x = F.pad(x, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")
-    return x
-
-
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize, antialiased when shrinking, clamped to ``[0, 1]``."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    # Antialiasing matters only when shrinking; when enlarging, torch's antialiased path would
-    # switch to a softer cubic kernel (a = -0.5), so plain bicubic (a = -0.75) is kept there.
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    y = F.interpolate(x, size=size, mode="bicubic", antialias=shrink, align_corners=False)
-    # Bicubic overshoots at edges; the clamp keeps the [0, 1] contract.
-    return y.clamp_(0, 1)
+    return pad(x, right=pad_w, bottom=pad_h)
 
 
 def _adapt_input_channels(x: torch.Tensor, model_channels: int) -> tuple[torch.Tensor, bool]:

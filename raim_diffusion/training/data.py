@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from raim_diffusion.images import find_images, load_image
+from raim_diffusion.files import find_images
+from raim_diffusion.images import load_image
 
 __all__ = [
     "HQImageDataset",
@@ -64,7 +65,7 @@ class HQImageDataset(Dataset):
     """Random crops of high-quality images.
 
     Args:
-        root: folder(s), files or globs of images (see ``raim_diffusion.images.find_images``).
+        root: folder(s), files or globs of images (see ``raim_diffusion.files.find_images``).
         crop_size: side of the square crops; smaller images are reflect-padded first.
         seed: base seed of the crops and flips.
         hflip: random horizontal flips (p = 0.5).

@@ -32,8 +32,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from raim_diffusion.files import atomic_write, find_images
 from raim_diffusion.fusion.model import FusionNet, make_composite
-from raim_diffusion.images import atomic_write, find_images, load_image, save_image
+from raim_diffusion.images import load_image, save_image
 from raim_diffusion.training.config import TrainConfig
 from raim_diffusion.training.data import (
     EpochSampler,

@@ -61,9 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``raim eval``; returns 0, 1 if some images failed, 2 on a usage/pairing error."""
-    from ..errors import RaimError
-    from ..metrics.conventions import MetricConventions
-    from ..metrics.evaluate import evaluate_folders
+    from raim_diffusion.errors import RaimError
+    from raim_diffusion.metrics.conventions import MetricConventions
+    from raim_diffusion.metrics.evaluate import evaluate_folders
 
     try:
         conventions = MetricConventions(

@@ -1,4 +1,4 @@
-"""Build the per-image restore function of a batch job from a [`~raim_diffusion.config.RunConfig`].
+"""Build the per-image restore function of a batch job from a [`~raim_diffusion.runner.config.RunConfig`].
 
 Models load once; each call restores one image with its own seed. A prior-only run never loads
 diffusers' pipeline; other runs go through [`RaimPipeline`], with the detector and fusion
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from raim_diffusion.batch import Job, Restored, image_seed
-from raim_diffusion.config import TINY_PREFIX, call_kwargs, resolved_call_kwargs
 from raim_diffusion.images import LoadedImage
 from raim_diffusion.resources import cache_dir
+from raim_diffusion.runner.batch import Job, Restored, image_seed
+from raim_diffusion.runner.config import TINY_PREFIX, call_kwargs, resolved_call_kwargs
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype | None:
@@ -68,10 +68,10 @@ def _build_fusion(name: str | None, device: str):
 
 
 class Restorer:
-    """Callable ``(image, job) -> Restored`` for [`~raim_diffusion.batch.run_jobs`].
+    """Callable ``(image, job) -> Restored`` for [`~raim_diffusion.runner.batch.run_jobs`].
 
     Args:
-        config (`DictConfig`): A loaded [`~raim_diffusion.config.RunConfig`].
+        config (`DictConfig`): A loaded [`~raim_diffusion.runner.config.RunConfig`].
         device (`str`): Torch device for every model.
         dtype (`str`, *optional*): ``auto``, ``float32``, ``float16`` or ``bfloat16``.
     """

@@ -72,7 +72,7 @@ def match_pairs(generated: str, reference: str) -> tuple[list[tuple[Path, Path |
     Returns:
         `(pairs, n_references)`: ``(generated, reference or None, key)`` triples.
     """
-    from raim_diffusion.images import find_images
+    from raim_diffusion.files import find_images
 
     gen_root = Path(generated) if Path(generated).is_dir() else None
     ref_root = Path(reference) if Path(reference).is_dir() else None
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     from raim_diffusion.artifacts.detector import ArtifactDetector, DetectorConfig
     from raim_diffusion.artifacts.overlay import overlay, score_image
-    from raim_diffusion.images import atomic_write, load_image
+    from raim_diffusion.files import atomic_write
+    from raim_diffusion.images import load_image
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

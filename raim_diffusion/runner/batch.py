@@ -21,12 +21,10 @@ from typing import Any
 
 import torch
 
+from raim_diffusion.files import atomic_write, find_images, output_paths
 from raim_diffusion.images import (
     LoadedImage,
-    atomic_write,
-    find_images,
     load_image,
-    output_paths,
     resize_alpha,
     save_image,
 )
@@ -70,7 +68,7 @@ def plan_jobs(
     """Map every input image (files, folders, globs) to its output path under ``outdir``.
 
     Sub-folders are mirrored and two inputs that would write the same output are refused up
-    front (see [`~raim_diffusion.images.output_paths`]). The order is sorted and the same in
+    front (see [`~raim_diffusion.files.output_paths`]). The order is sorted and the same in
     every process, which sharding relies on.
     """
     sources = list(dict.fromkeys(p.resolve() for p in find_images(list(inputs))))

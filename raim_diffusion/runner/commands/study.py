@@ -73,8 +73,8 @@ def run_build(args: argparse.Namespace) -> int:
     """``raim study build``."""
     import torch
 
-    from ..errors import RaimError
-    from ..metrics.study import write_study
+    from raim_diffusion.errors import RaimError
+    from raim_diffusion.metrics.study import write_study
 
     page = Path(args.output)
     key = Path(args.key) if args.key else page.with_suffix(".key.json")
@@ -115,9 +115,9 @@ def _parse_s2(entries: list[str] | None) -> dict[str, float] | None:
 
 def run_score(args: argparse.Namespace) -> int:
     """``raim study score``."""
-    from ..errors import RaimError
-    from ..metrics._io import atomic_write
-    from ..metrics.study import score_study
+    from raim_diffusion.errors import RaimError
+    from raim_diffusion.metrics._io import atomic_write
+    from raim_diffusion.metrics.study import score_study
 
     try:
         scores = score_study(

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raim_diffusion.config import STAGES
+from raim_diffusion.runner.config import STAGES
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -110,10 +110,10 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from omegaconf import OmegaConf
 
-    from raim_diffusion.batch import plan_jobs, run_jobs, run_record, write_json
-    from raim_diffusion.config import load_config, make_tiny, validate_config
     from raim_diffusion.errors import MissingWeightsError
-    from raim_diffusion.restorer import build_restorer
+    from raim_diffusion.runner.batch import plan_jobs, run_jobs, run_record, write_json
+    from raim_diffusion.runner.config import load_config, make_tiny, validate_config
+    from raim_diffusion.runner.restorer import build_restorer
 
     inputs, overrides = _split_inputs(args.inputs)
     if not inputs:
