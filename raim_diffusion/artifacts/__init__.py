@@ -11,7 +11,7 @@ Heavy or optional parts (transformers segmenters, SAM, overlays) are imported fr
 submodules: :mod:`.segmentation`, :mod:`.sam`, :mod:`.overlay`.
 """
 
-from .detector import ArtifactDetector, ArtifactResult, DetectorConfig, Region
+from .detector import ArtifactDetector, ArtifactResult, DetectorConfig, Region, build_detector
 from .tables import (
     ADE20K_CLASSES,
     ClassTable,
@@ -29,6 +29,7 @@ __all__ = [
     "ClassTable",
     "DetectorConfig",
     "Region",
+    "build_detector",
     "list_class_tables",
     "list_param_sets",
     "load_class_table",

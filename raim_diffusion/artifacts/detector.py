@@ -612,3 +612,45 @@ class ArtifactDetector:
 
     def __repr__(self) -> str:
         return f"ArtifactDetector(mode={self.config.mode!r}, segmenter={self.config.segmenter!r})"
+
+
+def build_detector(
+    params: DetectorConfig | Mapping[str, Any] | str | Path | None = "desra-default",
+    *,
+    segmenter: Any = None,
+    sam: str | Path | None = None,
+    sam_type: str = "vit_h",
+    device: torch.device | str | None = None,
+    load: bool = True,
+    **overrides: Any,
+) -> ArtifactDetector:
+    """The one factory of stage-3 detectors (the pipeline, ``raim restore`` and ``raim mask``).
+
+    Args:
+        params: a parameter set name (``"desra-default"``, ``"improved"``, ...), a YAML path, a
+            `DetectorConfig` or a mapping of its fields.
+        segmenter (*optional*): a segmentation backend object, or its name (a transformers model
+            id or folder, ``"mmseg:CONFIG:CHECKPOINT"``, or ``"none"`` for uniform class
+            weights, which the result records). `None` keeps the parameter set's own.
+        sam (`str` or `Path`, *optional*): SAM checkpoint for boundary refinement.
+        sam_type (`str`, defaults to `"vit_h"`): its architecture (``vit_h``, ``vit_l``, ``vit_b``).
+        device (*optional*): where the segmenter and SAM run.
+        load (`bool`, defaults to `True`): load the segmentation model now, so that a missing
+            model fails once, before any image, instead of on every image.
+        **overrides: `DetectorConfig` fields (``contrast_threshold``, ``mode``, ...).
+
+    Returns:
+        `ArtifactDetector`
+    """
+    refiner = None
+    if sam is not None:
+        from .sam import SamRefiner
+
+        refiner = SamRefiner.from_checkpoint(sam, sam_type, device=device)
+    kwargs: dict[str, Any] = dict(overrides)
+    if segmenter is not None:
+        kwargs["segmenter"] = segmenter
+    detector = ArtifactDetector.from_config(params, refiner=refiner, device=device, **kwargs)
+    if load:
+        detector.segmenter  # noqa: B018 - loads the backend
+    return detector
