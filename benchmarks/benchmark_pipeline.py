@@ -13,7 +13,8 @@ Models (pick one):
   `RaimPipeline.from_pretrained` loads it; offline if the files are cached).
 * ``--random sdxl|sd15``: full-size architectures built from the configs of
   ``stabilityai/stable-diffusion-xl-base-1.0`` / ``runwayml/stable-diffusion-v1-5`` with random
-  weights (no download): the speed and memory of the real models, meaningless pictures.
+  weights (`raim_diffusion.testing.random_components`, no download): the speed and memory of the
+  real models, meaningless pictures.
 * ``--tiny sd15|sdxl``: the tiny random components of `raim_diffusion.testing` (CPU smoke runs).
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (weights included). On the CPU it is
@@ -45,23 +46,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionXLImg2ImgPipeline,
-    UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from raim_diffusion.artifacts import ArtifactDetector
+from raim_diffusion.files import atomic_write
 from raim_diffusion.fusion import PRESETS as FUSION_PRESETS
 from raim_diffusion.fusion import FusionNet
-from raim_diffusion.files import atomic_write
 from raim_diffusion.images import to_tensor
 from raim_diffusion.pipeline import RaimPipeline
 from raim_diffusion.prior import load_prior
-from raim_diffusion.testing import tiny_clip_tokenizer, tiny_components, tiny_prior
+from raim_diffusion.testing import RANDOM_REPOS, random_components, tiny_components, tiny_prior
 
 STAGE_NAMES = ("prior", "generate", "detect", "fuse")
 # The `RaimPipeline` method that runs each stage (timed from inside the pipeline call).
@@ -85,240 +81,12 @@ COLUMNS = (
     "diffusers peak MiB",
 )
 
-# ---------------------------------------------------------------------------------------------
-# Component configs of the real checkpoints (the config.json files of their hub repositories,
-# minus bookkeeping keys such as _diffusers_version). Built with random weights they have the
-# exact parameter counts and compute of the released models.
-
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
-
-SDXL_VAE_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-
-# text_encoder: OpenAI CLIP ViT-L/14's text tower (also SD 1.x's text encoder).
-CLIP_L_TEXT_CONFIG: dict[str, Any] = {
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
-
-# text_encoder_2: OpenCLIP ViT-bigG/14's text tower with its projection.
-CLIP_BIGG_TEXT_CONFIG: dict[str, Any] = {
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "gelu",
-    "hidden_size": 1280,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 5120,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "num_attention_heads": 20,
-    "num_hidden_layers": 32,
-    "pad_token_id": 1,
-    "projection_dim": 1280,
-    "vocab_size": 49408,
-}
-
-SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ],
-}
-
-SD15_VAE_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-
-SD15_SCHEDULER_CONFIG: dict[str, Any] = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-
-RANDOM_REPOS = {
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sd15": "runwayml/stable-diffusion-v1-5",
-}
-
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     # Modules are created in float32; casting to float32 again only makes diffusers warn.
     if dtype != torch.float32:
         module = module.to(dtype)
     return module.eval()
-
-
-def random_components(
-    kind: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> dict[str, Any]:
-    """Full-size SDXL or SD 1.5 components with random weights, built directly on ``device``.
-
-    Args:
-        kind (`str`): `"sdxl"` or `"sd15"`.
-        device (`str` or `torch.device`): where the weights are created (on CUDA the random
-            initialisation of 3.5B parameters takes seconds instead of minutes).
-        dtype (`torch.dtype`): weight dtype after initialisation.
-
-    Returns:
-        `dict`: ``vae``, ``unet``, ``text_encoder`` (and ``text_encoder_2``), the real CLIP
-        tokenizer(s) and the checkpoint's scheduler, for `RaimPipeline(**components)`.
-    """
-    if kind not in RANDOM_REPOS:
-        raise ValueError(f"kind={kind!r} is not supported; use one of {sorted(RANDOM_REPOS)}")
-    sdxl = kind == "sdxl"
-    # A fixed seed keeps repeated runs comparable; fork_rng leaves the caller's RNG untouched.
-    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.device(device):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**(SDXL_UNET_CONFIG if sdxl else SD15_UNET_CONFIG))
-        vae = AutoencoderKL(**(SDXL_VAE_CONFIG if sdxl else SD15_VAE_CONFIG))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
-        text_encoder_2 = (
-            CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT_CONFIG)) if sdxl else None
-        )
-    components: dict[str, Any] = {
-        "unet": _cast(unet, dtype),
-        "vae": _cast(vae, dtype),
-        "text_encoder": _cast(text_encoder, dtype),
-        "tokenizer": tiny_clip_tokenizer("<|endoftext|>"),
-    }
-    if sdxl:
-        components["text_encoder_2"] = _cast(text_encoder_2, dtype)
-        components["tokenizer_2"] = tiny_clip_tokenizer("!")
-        components["scheduler"] = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
-    else:
-        components["scheduler"] = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    return components
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,16 @@
 """Tiny random components for tests, notebooks and CPU demos.
 
 Everything here is built from configs with random weights, the way diffusers' own fast tests do,
-so it runs offline and on the CPU in a fraction of a second. The one real asset is the CLIP BPE
-vocabulary: it is rebuilt from the copy that the ``openai-clip`` package ships, so prompts are
-tokenized exactly as by the real SD/SDXL tokenizers (only the embeddings are random).
+so it runs offline, on the CPU, in a fraction of a second, and needs nothing beyond the core
+install. That includes the tokenizers: they use a small byte-level BPE vocabulary generated in
+code (:func:`tiny_clip_tokenizer`), not CLIP's 49408-token one, so any prompt (unicode and emoji
+included) is tokenized and truncated to 77 positions exactly as the real tokenizers do, only with
+other token ids -- which do not matter for random embeddings.
+
+* :func:`tiny_components`, :func:`save_tiny_pipeline`, :func:`tiny_controlnet`: SD 1.x / 2.x /
+  SDXL at toy size.
+* :func:`random_components`: SD 1.5 / SDXL at full size with random weights (benchmarks).
+* :func:`tiny_prior`, :func:`tiny_segformer_segmenter`, :func:`tiny_sam`: the other stages.
 
 Example:
 
@@ -18,14 +25,11 @@ pipe = RaimPipeline.from_pretrained(folder, prior=tiny_prior())
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import spandrel
 import torch
@@ -34,64 +38,62 @@ from diffusers import (
     ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+from spandrel.architectures.Compact import Compact
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
 )
 
+from .artifacts.sam import build_sam
+from .artifacts.segmentation import TransformersSegmenter
+from .artifacts.tables import ADE20K_CLASSES
 from .prior import PriorModel
-from .resources import cache_dir
 
 __all__ = [
+    "RANDOM_REPOS",
+    "TINY_CLIP_VOCAB_SIZE",
     "TinyKind",
-    "clip_bpe_path",
+    "random_components",
+    "save_tiny_pipeline",
     "tiny_clip_tokenizer",
+    "tiny_clip_vocabulary",
     "tiny_components",
     "tiny_controlnet",
     "tiny_prior",
-    "save_tiny_pipeline",
+    "tiny_sam",
+    "tiny_segformer_segmenter",
 ]
 
 TinyKind = Literal["sd15", "sd2", "sdxl"]
 _KINDS = ("sd15", "sd2", "sdxl")
 
-# Number of BPE merges that CLIP uses from its vocabulary file (49152 - 256 bytes - 2 specials).
-_CLIP_NUM_MERGES = 49152 - 256 - 2
-_CLIP_VOCAB_SIZE = 49408
-_BOS_ID = 49406
-_EOS_ID = 49407
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
 
-
-def clip_bpe_path() -> Path:
-    """Path of ``bpe_simple_vocab_16e6.txt.gz`` shipped by the ``openai-clip`` package.
-
-    Returns:
-        `Path`: the gzip file with CLIP's BPE merges.
-
-    Raises:
-        ModuleNotFoundError: when ``openai-clip`` is not installed (``pip install openai-clip``).
-    """
-    # find_spec does not execute clip/__init__.py, which would import torchvision and friends.
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "raim_diffusion.testing needs the CLIP BPE vocabulary shipped by the `openai-clip` "
-            "package; install it with `pip install openai-clip`."
-        )
-    for location in spec.submodule_search_locations:
-        path = Path(location) / "bpe_simple_vocab_16e6.txt.gz"
-        if path.is_file():
-            return path
-    raise ModuleNotFoundError(
-        "`openai-clip` is installed but its bpe_simple_vocab_16e6.txt.gz is missing"
-    )
+# A few merges of common English pairs, in priority order, so that the BPE merge step is
+# exercised too ("photo" is one token, "the" is one token); each result is a vocabulary entry.
+_TINY_MERGES = (
+    "t h", "th e</w>", "a n", "an d</w>", "i n", "in g</w>", "o f</w>", "o n</w>",
+    "e r</w>", "e d</w>", "t o</w>", "i s</w>", "a t</w>", "o r</w>", "e n", "r e",
+    "o u", "a l", "s t", "p h", "ph o", "pho to</w>", "c a", "ca t</w>",
+    "h i", "g h", "d e", "l y</w>", "e s</w>", "a r", "c o", "l i",
+)  # fmt: skip
+_BOS_TOKEN = "<|startoftext|>"
+_EOS_TOKEN = "<|endoftext|>"
+# 256 byte characters, the same with the end-of-word mark, the merges, then bos and eos last,
+# as in CLIP (whose legacy text configs pool at the highest token id, i.e. at eos).
+TINY_CLIP_VOCAB_SIZE = 2 * 256 + len(_TINY_MERGES) + 2
+_BOS_ID = TINY_CLIP_VOCAB_SIZE - 2
+_EOS_ID = TINY_CLIP_VOCAB_SIZE - 1
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -112,57 +114,71 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
-def _default_cache_dir() -> Path:
-    return cache_dir("clip-tokenizer")
+def tiny_clip_vocabulary() -> tuple[dict[str, int], list[str]]:
+    """The tiny byte-level BPE vocabulary of :func:`tiny_clip_tokenizer`, in CLIP's layout.
 
+    Every byte has a token (alone and word-final, ``"</w>"``), so any UTF-8 text is encoded
+    without unknown tokens; a few merges join common English pairs. ``"!"`` is token 0 (the pad
+    token of SD 2.x), ``"<|startoftext|>"`` and ``"<|endoftext|>"`` are the last two ids.
 
-def _write_clip_vocab(folder: Path) -> None:
-    with gzip.open(clip_bpe_path()) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = lines[1 : _CLIP_NUM_MERGES + 1]
+    Returns:
+        `tuple[dict[str, int], list[str]]`: ``vocab.json``'s token -> id mapping
+        (`TINY_CLIP_VOCAB_SIZE` entries) and ``merges.txt``'s merges (without the header line).
+    """
     byte_chars = list(_bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars]
-    vocab += ["".join(merge.split()) for merge in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(merge.split()) for merge in _TINY_MERGES]
+    tokens += [_BOS_TOKEN, _EOS_TOKEN]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != TINY_CLIP_VOCAB_SIZE:  # a merge that repeats a token would shift the ids
+        raise RuntimeError("tiny CLIP vocabulary has duplicate tokens")
+    return vocab, list(_TINY_MERGES)
+
+
+def _write_tiny_clip_vocabulary(folder: Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` (the files a slow CLIP tokenizer loads from)."""
+    vocab, merges = tiny_clip_vocabulary()
     folder.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names first: several test workers may build the cache at once.
-    fd, tmp_vocab = tempfile.mkstemp(dir=folder, suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
-    fd, tmp_merges = tempfile.mkstemp(dir=folder, suffix=".txt")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with open(folder / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    os.replace(tmp_merges, folder / "merges.txt")
-    os.replace(tmp_vocab, folder / "vocab.json")
 
 
-def tiny_clip_tokenizer(
-    pad_token: str = "<|endoftext|>", cache_dir: str | os.PathLike | None = None
-) -> CLIPTokenizer:
-    """The real CLIP tokenizer (49408 tokens, 77 positions), built offline.
+def tiny_clip_tokenizer(pad_token: str = _EOS_TOKEN) -> CLIPTokenizer:
+    """A CLIP tokenizer (77 positions) on the tiny vocabulary of :func:`tiny_clip_vocabulary`.
+
+    Text is normalised, split into words and byte-encoded exactly as by the SD/SDXL tokenizers;
+    only the vocabulary is small (`TINY_CLIP_VOCAB_SIZE` tokens), so the tiny text encoders'
+    embedding tables are small too and nothing has to be downloaded or installed.
 
     Args:
         pad_token (`str`, defaults to `"<|endoftext|>"`):
             SD 1.x and SDXL's first tokenizer pad with `"<|endoftext|>"`, SD 2.x and SDXL's second
-            tokenizer with `"!"`.
-        cache_dir (`str` or `os.PathLike`, *optional*):
-            Where vocab.json / merges.txt are cached; defaults to ``~/.cache/raim_diffusion``.
+            tokenizer with `"!"` (token 0).
 
     Returns:
-        `CLIPTokenizer`: a tokenizer equal to ``openai/clip-vit-large-patch14``'s.
+        `CLIPTokenizer`: ``bos_token_id`` is ``TINY_CLIP_VOCAB_SIZE - 2``, ``eos_token_id``
+        ``TINY_CLIP_VOCAB_SIZE - 1``.
     """
-    folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-        _write_clip_vocab(folder)
-    # from_pretrained reads vocab.json/merges.txt the same way in transformers 4 and 5.
-    return CLIPTokenizer.from_pretrained(
-        str(folder),
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token=pad_token,
-        model_max_length=77,
-    )
+    # from_pretrained reads vocab.json / merges.txt the same way in transformers 4 and 5, and
+    # reads them completely, so the folder is only needed for the call.
+    with tempfile.TemporaryDirectory(prefix="raim-tiny-clip-") as tmp:
+        _write_tiny_clip_vocabulary(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(
+            tmp,
+            bos_token=_BOS_TOKEN,
+            eos_token=_EOS_TOKEN,
+            unk_token=_EOS_TOKEN,
+            pad_token=pad_token,
+            model_max_length=77,
+        )
+    tokenizer.name_or_path = "raim-tiny-clip"
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny SD / SDXL components
 
 
 def _text_config(hidden_size: int, projection_dim: int | None = None) -> CLIPTextConfig:
@@ -170,7 +186,7 @@ def _text_config(hidden_size: int, projection_dim: int | None = None) -> CLIPTex
     if projection_dim is not None:
         kwargs["projection_dim"] = projection_dim
     return CLIPTextConfig(
-        vocab_size=_CLIP_VOCAB_SIZE,
+        vocab_size=TINY_CLIP_VOCAB_SIZE,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
@@ -234,9 +250,10 @@ def _scheduler_config(prediction_type: str) -> dict:
 def tiny_components(kind: TinyKind = "sd15", seed: int = 0) -> dict:
     """Random tiny components of a SD 1.x, SD 2.x (v-prediction) or SDXL pipeline.
 
-    The shapes follow the real models (4 latent channels, CLIP vocabulary and 77 positions,
+    The shapes follow the real models (4 latent channels, CLIP tokenizers with 77 positions,
     SDXL's two text encoders and ``text_time`` micro-conditioning) at a scale that runs in
-    milliseconds: VAE factor 2, UNet with two levels, 32-wide text encoders.
+    milliseconds: VAE factor 4, UNet with two levels, 32-wide text encoders on the tiny
+    vocabulary of :func:`tiny_clip_tokenizer`.
 
     Args:
         kind (`str`, defaults to `"sd15"`): one of `"sd15"`, `"sd2"`, `"sdxl"`.
@@ -277,8 +294,9 @@ def tiny_components(kind: TinyKind = "sd15", seed: int = 0) -> dict:
     prediction_type = "v_prediction" if kind == "sd2" else "epsilon"
     config = _scheduler_config(prediction_type)
     if sdxl:
-        scheduler = EulerDiscreteScheduler(**{k: v for k, v in config.items() if k not in (
-            "clip_sample", "set_alpha_to_one")})
+        scheduler = EulerDiscreteScheduler(
+            **{k: v for k, v in config.items() if k not in ("clip_sample", "set_alpha_to_one")}
+        )
     else:
         scheduler = DDIMScheduler(**config)
     components = {
@@ -305,7 +323,7 @@ def tiny_controlnet(kind: TinyKind = "sd15", seed: int = 0) -> ControlNetModel:
         seed (`int`, defaults to 0): seed of the random weights.
 
     Returns:
-        `ControlNetModel`: conditioned on an RGB image at the VAE's resolution (factor 2).
+        `ControlNetModel`: conditioned on an RGB image at the VAE's resolution (factor 4).
     """
     if kind not in _KINDS:
         raise ValueError(f"kind={kind!r} is not supported; use one of {_KINDS}")
@@ -347,34 +365,13 @@ def tiny_controlnet(kind: TinyKind = "sd15", seed: int = 0) -> ControlNetModel:
     return net.eval()
 
 
-def tiny_prior(scale: int = 2, seed: int = 0) -> PriorModel:
-    """A random tiny stage-1 restorer (SRVGGNetCompact, 8 features, 2 convolutions).
-
-    Args:
-        scale (`int`, defaults to 2): upscaling factor (1, 2, 3 or 4).
-        seed (`int`, defaults to 0): seed of the random weights.
-
-    Returns:
-        `PriorModel`: usable as ``RaimPipeline(prior=...)`` and saved/loaded with it.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = SRVGGNetCompact(
-            num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale, act_type="prelu"
-        )
-    # Going through the state dict makes spandrel detect the architecture exactly as for a file.
-    descriptor = spandrel.ModelLoader().load_from_state_dict(net.state_dict())
-    return PriorModel.from_spandrel(descriptor).eval()
-
-
-def save_tiny_pipeline(
-    path: str | os.PathLike, kind: TinyKind = "sd15", seed: int = 0
-) -> Path:
+def save_tiny_pipeline(path: str | os.PathLike, kind: TinyKind = "sd15", seed: int = 0) -> Path:
     """Write a tiny random SD/SDXL folder laid out exactly like the real hub repositories.
 
     The folder is written by diffusers' own `StableDiffusionPipeline.save_pretrained` (or the
     SDXL one), so ``model_index.json`` names that class, just as in
-    ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or ``stabilityai/stable-diffusion-xl-base-1.0``.
+    ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or ``stabilityai/stable-diffusion-xl-base-1.0``,
+    and it loads with ``RaimPipeline.from_pretrained(folder)`` or diffusers' own pipelines.
 
     Args:
         path (`str` or `os.PathLike`): output folder (created).
@@ -392,12 +389,338 @@ def save_tiny_pipeline(
     pipe.save_pretrained(path, safe_serialization=True)
     # transformers 5 writes only tokenizer.json; the hub repositories also hold the slow files
     # (vocab.json, merges.txt), which older transformers versions need. Add them the same way.
-    vocab_dir = _default_cache_dir()
     for sub in ("tokenizer", "tokenizer_2"):
         folder = Path(path) / sub
-        if not folder.is_dir():
-            continue
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                shutil.copyfile(vocab_dir / name, folder / name)
+        if folder.is_dir() and not (
+            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        ):
+            _write_tiny_clip_vocabulary(folder)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Other stages
+
+
+def tiny_prior(scale: int = 2, seed: int = 0) -> PriorModel:
+    """A random tiny stage-1 restorer (SRVGGNetCompact, 8 features, 2 convolutions).
+
+    Args:
+        scale (`int`, defaults to 2): upscaling factor (1, 2, 3 or 4).
+        seed (`int`, defaults to 0): seed of the random weights.
+
+    Returns:
+        `PriorModel`: usable as ``RaimPipeline(prior=...)`` and saved/loaded with it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = Compact(
+            num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale, act_type="prelu"
+        )
+    # Going through the state dict makes spandrel detect the architecture exactly as for a file.
+    descriptor = spandrel.ModelLoader().load_from_state_dict(net.state_dict())
+    return PriorModel.from_spandrel(descriptor).eval()
+
+
+def tiny_segformer_segmenter(seed: int = 0, short_side: int = 64) -> TransformersSegmenter:
+    """A randomly initialised two-stage SegFormer with the 150 ADE20K labels (stage 3).
+
+    Args:
+        seed (`int`, defaults to 0): seed of the random weights (drawn inside
+            ``torch.random.fork_rng``, so the caller's RNG state is untouched).
+        short_side (`int`, defaults to 64): images are resized so their short side has this
+            length before segmentation.
+
+    Returns:
+        `TransformersSegmenter`: named ``"tiny-segformer"``; usable as
+        ``ArtifactDetector(segmenter=...)``, and saved with ``segmenter.model.save_pretrained``.
+    """
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 1],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=len(ADE20K_CLASSES),
+        id2label=dict(enumerate(ADE20K_CLASSES)),
+        label2id={c: i for i, c in enumerate(ADE20K_CLASSES)},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SegformerForSemanticSegmentation(config)
+    return TransformersSegmenter(
+        model,
+        short_side=short_side,
+        tile=max(2 * short_side, 128),
+        overlap=16,
+        name="tiny-segformer",
+    )
+
+
+def tiny_sam(seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised SAM with tiny sizes (64 px input) for ``SamRefiner``.
+
+    Needs the ``sam`` extra (``segment-anything``), like every SAM model.
+
+    Args:
+        seed (`int`, defaults to 0): seed of the random weights.
+
+    Returns:
+        `torch.nn.Module`: a ``segment_anything.modeling.Sam`` in eval mode.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_sam(
+            image_size=64,
+            patch_size=16,
+            prompt_dim=16,
+            encoder=(16, 1, 1, (0,)),
+            decoder_mlp_dim=16,
+            decoder_heads=1,
+            iou_hidden_dim=16,
+            window_size=2,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-size components with random weights (benchmarks)
+#
+# Component configs of the real checkpoints (the config.json files of their hub repositories,
+# minus bookkeeping keys such as _diffusers_version). Built with random weights they have the
+# exact parameter counts and compute of the released models.
+
+_SDXL_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+_SDXL_VAE_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+# text_encoder: OpenAI CLIP ViT-L/14's text tower (also SD 1.x's text encoder).
+_CLIP_L_TEXT_CONFIG: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
+# text_encoder_2: OpenCLIP ViT-bigG/14's text tower with its projection.
+_CLIP_BIGG_TEXT_CONFIG: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "vocab_size": 49408,
+}
+
+_SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+_SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+}
+
+_SD15_VAE_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+_SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+RANDOM_REPOS = {
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd15": "runwayml/stable-diffusion-v1-5",
+}
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    # Modules are created in float32; casting to float32 again only makes diffusers warn.
+    if dtype != torch.float32:
+        module = module.to(dtype)
+    return module.eval()
+
+
+def random_components(
+    kind: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Full-size SDXL or SD 1.5 components with random weights, built directly on ``device``.
+
+    Args:
+        kind (`str`): `"sdxl"` or `"sd15"`.
+        device (`str` or `torch.device`): where the weights are created (on CUDA the random
+            initialisation of 3.5B parameters takes seconds instead of minutes).
+        dtype (`torch.dtype`): weight dtype after initialisation.
+
+    Returns:
+        `dict`: ``vae``, ``unet``, ``text_encoder`` (and ``text_encoder_2``), tokenizer(s) and
+        the checkpoint's scheduler, for `RaimPipeline(**components)`. The text encoders keep
+        CLIP's 49408-token embedding tables (the released parameter counts); the tokenizers are
+        :func:`tiny_clip_tokenizer`'s, whose ids all lie in that range.
+    """
+    if kind not in RANDOM_REPOS:
+        raise ValueError(f"kind={kind!r} is not supported; use one of {sorted(RANDOM_REPOS)}")
+    sdxl = kind == "sdxl"
+    # A fixed seed keeps repeated runs comparable; fork_rng leaves the caller's RNG untouched.
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**(_SDXL_UNET_CONFIG if sdxl else _SD15_UNET_CONFIG))
+        vae = AutoencoderKL(**(_SDXL_VAE_CONFIG if sdxl else _SD15_VAE_CONFIG))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_CLIP_L_TEXT_CONFIG))
+        text_encoder_2 = (
+            CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP_BIGG_TEXT_CONFIG)) if sdxl else None
+        )
+    components: dict[str, Any] = {
+        "unet": _cast(unet, dtype),
+        "vae": _cast(vae, dtype),
+        "text_encoder": _cast(text_encoder, dtype),
+        "tokenizer": tiny_clip_tokenizer("<|endoftext|>"),
+    }
+    if sdxl:
+        components["text_encoder_2"] = _cast(text_encoder_2, dtype)
+        components["tokenizer_2"] = tiny_clip_tokenizer("!")
+        components["scheduler"] = EulerDiscreteScheduler.from_config(_SDXL_SCHEDULER_CONFIG)
+    else:
+        components["scheduler"] = PNDMScheduler.from_config(_SD15_SCHEDULER_CONFIG)
+    return components

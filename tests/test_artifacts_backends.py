@@ -12,18 +12,21 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from raim_diffusion.artifacts import segmentation
 from raim_diffusion.artifacts.detector import ArtifactDetector
 from raim_diffusion.artifacts.overlay import overlay, score_image
 from raim_diffusion.artifacts.planting import ellipse_region, plant_artifact
 from raim_diffusion.artifacts.segmentation import (
+    SEGMENTER_BACKENDS,
     MMSegSegmenter,
     NoSegmenter,
     TransformersSegmenter,
     load_segmenter,
-    tiny_segformer_segmenter,
+    register_segmenter,
 )
 from raim_diffusion.artifacts.tables import load_class_table
 from raim_diffusion.errors import MissingWeightsError
+from raim_diffusion.testing import tiny_sam, tiny_segformer_segmenter
 
 H, W = 96, 128
 
@@ -117,11 +120,111 @@ def test_wrong_label_set_is_refused(tmp_path):
 
 
 def test_missing_models_and_backends_give_clear_errors(tmp_path):
-    with pytest.raises(MissingWeightsError, match="segformer-b5"):
-        load_segmenter("nvidia/segformer-b5-finetuned-ade-640-640")
+    name = "nvidia/segformer-b5-finetuned-ade-640-640"
+    with pytest.raises(MissingWeightsError) as info:  # HF_HUB_OFFLINE=1 (conftest)
+        load_segmenter(name)
+    message = str(info.value)
+    assert f"model {name} is not available offline" in message
+    assert f"`hf download {name}`" in message and "detect.segmenter=none" in message
+    assert "--segmenter" not in message  # not a `raim restore` flag
     with pytest.raises(ImportError, match="mmsegmentation"):
         MMSegSegmenter("cfg.py")
+    with pytest.raises(ImportError, match="mmsegmentation"):
+        load_segmenter("mmseg:cfg.py:ckpt.pth")
+    with pytest.raises(MissingWeightsError, match="no such folder"):
+        load_segmenter(str(tmp_path / "not" / "there"))
+    with pytest.raises(MissingWeightsError, match="local folder is incomplete"):
+        load_segmenter(tmp_path)  # exists, but holds no model
     assert isinstance(load_segmenter("none"), NoSegmenter)
+
+
+class _Probe:
+    """Fake ``AutoConfig.from_pretrained`` and network: records how the hub is approached."""
+
+    def __init__(self, monkeypatch, reachable):
+        import socket
+        import urllib.request
+
+        import huggingface_hub.constants
+        import transformers
+
+        self.calls = []
+        self.connects = 0
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(urllib.request, "getproxies", dict)
+
+        def connect(address, timeout=None):
+            self.connects += 1
+            if not reachable:
+                raise OSError("Name or service not known")
+            return socket.socket()  # closed unused by the probe
+
+        monkeypatch.setattr(socket, "create_connection", connect)
+
+        def from_pretrained(source, **kwargs):
+            self.calls.append(kwargs.get("local_files_only", False))
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+        monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+
+
+def test_missing_model_tries_the_cache_first_and_the_hub_only_if_it_answers(monkeypatch):
+    name = "nvidia/segformer-b5-finetuned-ade-640-640"
+    offline = _Probe(monkeypatch, reachable=False)
+    with pytest.raises(MissingWeightsError, match="not available offline"):
+        load_segmenter(name)
+    assert offline.calls == [True] and offline.connects == 1  # no 25 s of hub retries
+
+    online = _Probe(monkeypatch, reachable=True)
+    with pytest.raises(MissingWeightsError, match="could not be downloaded") as info:
+        load_segmenter("segformer")
+    assert online.calls == [True, False] and online.connects == 1
+    assert f"`hf download {name}`" in str(info.value)
+
+    flagged = _Probe(monkeypatch, reachable=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match="not available offline"):
+        load_segmenter(name)
+    assert flagged.calls == [True] and flagged.connects == 0
+
+
+def test_segmenter_registry(monkeypatch):
+    assert {"none", "segformer", "mask2former", "mmseg", "transformers"} <= set(SEGMENTER_BACKENDS)
+    assert isinstance(load_segmenter(None), NoSegmenter)
+    assert isinstance(load_segmenter("NONE"), NoSegmenter)
+    with pytest.raises(ValueError, match="unknown backend 'foo'") as info:
+        load_segmenter("foo:bar")
+    for known in ("'mmseg'", "'none'", "'segformer'", "'mask2former'", "'transformers'"):
+        assert known in str(info.value)
+    with pytest.raises(ValueError, match="mmseg:<config.py>"):
+        load_segmenter("mmseg:")
+    with pytest.raises(ValueError, match="takes no argument"):
+        load_segmenter("segformer:nvidia/mit-b0")
+    with pytest.raises(TypeError, match="segmenter"):
+        load_segmenter(3)
+
+    # A new backend is one registered function; the registry is swapped for a copy here.
+    monkeypatch.setattr(segmentation, "SEGMENTER_BACKENDS", dict(SEGMENTER_BACKENDS))
+    seen = []
+
+    @register_segmenter("spy")
+    def _spy(argument, device, dtype):
+        seen.append((argument, device, dtype))
+        return NoSegmenter()
+
+    assert isinstance(load_segmenter("Spy:a:b", device="cpu", dtype=torch.float16), NoSegmenter)
+    load_segmenter("spy")
+    assert seen == [("a:b", "cpu", torch.float16), ("", None, None)]
+    assert "spy" not in SEGMENTER_BACKENDS  # the module's own registry was not touched
+    with pytest.raises(ValueError, match="already registered"):
+        register_segmenter("SPY")
+    with pytest.raises(ValueError, match="letters"):
+        register_segmenter("x")
+    # A Windows drive is a path, not a backend; hub ids and folders go to transformers.
+    with pytest.raises(MissingWeightsError, match="no such folder"):
+        load_segmenter("C:\\models\\segformer")
 
 
 def test_detector_with_tiny_segformer_end_to_end():
@@ -162,7 +265,7 @@ def test_segment_option_chooses_the_segmented_image():
 # --------------------------------------------------------------------------- SAM
 def test_sam_refinement_stays_inside_envelope(tmp_path):
     pytest.importorskip("segment_anything")
-    from raim_diffusion.artifacts.sam import SamRefiner, tiny_sam
+    from raim_diffusion.artifacts.sam import SamRefiner
 
     refiner = SamRefiner(tiny_sam(seed=0), envelope=4, points=2)
     img = torch.rand(1, 3, 70, 90, generator=torch.Generator().manual_seed(0))
@@ -182,7 +285,7 @@ def test_sam_refinement_stays_inside_envelope(tmp_path):
 
 def test_sam_checkpoint_loading_is_weights_only(tmp_path):
     pytest.importorskip("segment_anything")
-    from raim_diffusion.artifacts.sam import SamRefiner, tiny_sam
+    from raim_diffusion.artifacts.sam import SamRefiner
 
     src = tiny_sam(seed=1)
     path = tmp_path / "sam_tiny.pth"
@@ -200,7 +303,7 @@ def test_sam_checkpoint_loading_is_weights_only(tmp_path):
 
 def test_detector_with_sam_refiner():
     pytest.importorskip("segment_anything")
-    from raim_diffusion.artifacts.sam import SamRefiner, tiny_sam
+    from raim_diffusion.artifacts.sam import SamRefiner
 
     gen, ref, _ = _pair()
     base = ArtifactDetector(segmenter="none", area_threshold_px=200)(gen, ref)

@@ -22,7 +22,7 @@ from ..errors import MissingWeightsError
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["SamRefiner", "build_sam", "tiny_sam"]
+__all__ = ["SamRefiner", "build_sam"]
 
 _SAM_CONFIGS = {
     # model type: (embed dim, depth, heads, global attention blocks)
@@ -113,27 +113,12 @@ def build_sam(
     return sam.eval()
 
 
-def tiny_sam(seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised SAM with tiny sizes (64 px input), for tests and CPU demos."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_sam(
-            image_size=64,
-            patch_size=16,
-            prompt_dim=16,
-            encoder=(16, 1, 1, (0,)),
-            decoder_mlp_dim=16,
-            decoder_heads=1,
-            iou_hidden_dim=16,
-            window_size=2,
-        )
-
-
 class SamRefiner:
     """Snap detected regions to object boundaries with SAM, inside a dilated envelope.
 
     Args:
-        model: a ``segment_anything`` ``Sam`` model (see :meth:`from_checkpoint`, :func:`tiny_sam`).
+        model: a ``segment_anything`` ``Sam`` model (see :meth:`from_checkpoint`, and
+            :func:`raim_diffusion.testing.tiny_sam` for tests).
         envelope (`int`): the refined region stays within the original region dilated by this
             many pixels (square); 0 = SAM may only shrink regions.
         points (`int`): interior positive points per region (deepest points of the region).

@@ -10,6 +10,12 @@ Every backend is a callable ``segmenter(images) -> labels`` mapping an N,3,H,W f
 * :class:`MMSegSegmenter` -- an mmsegmentation config + checkpoint (optional dependency).
 * :class:`NoSegmenter` -- ``"none"``: no segmentation, every class weight is 1.
 
+:func:`load_segmenter` turns a name into a backend through the registry `SEGMENTER_BACKENDS`
+(name -> factory, as spandrel and timm do): ``"none"``, ``"segformer"``, ``"mask2former"``,
+``"mmseg:<config>[:<checkpoint>]"``, ``"transformers:<id>"``, and any other hub id or folder
+goes to ``"transformers"``. A new backend is one function decorated with
+:func:`register_segmenter`.
+
 Preprocessing follows mmsegmentation's ADE20K test pipeline that DeSRA ran: resize keeping the
 aspect ratio so the short side is ``short_side`` (640; long side at most ``4 * short_side``),
 normalise with the processor's mean/std, predict, upsample the logits bilinearly to the image
@@ -19,8 +25,14 @@ overlapping tiles whose logits are blended (:func:`raim_diffusion.tiling.tiled_a
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -35,17 +47,33 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "DEFAULT_SEGFORMER",
     "DEFAULT_MASK2FORMER",
+    "SEGMENTER_BACKENDS",
     "MMSegSegmenter",
     "NoSegmenter",
+    "Segmenter",
+    "SegmenterFactory",
     "TransformersSegmenter",
     "load_segmenter",
-    "tiny_segformer_segmenter",
+    "register_segmenter",
 ]
 
 DEFAULT_SEGFORMER = "nvidia/segformer-b5-finetuned-ade-640-640"
 DEFAULT_MASK2FORMER = "facebook/mask2former-swin-large-ade-semantic"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+_T = TypeVar("_T")
+
+
+class Segmenter(Protocol):
+    """What the detector needs of a segmentation backend.
+
+    Calling it maps N,3,H,W images in [0, 1] to N,H,W long ADE20K labels at image size (or
+    ``None`` for :class:`NoSegmenter`); ``name`` is recorded in results.
+    """
+
+    name: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor | None: ...
 
 
 class NoSegmenter:
@@ -138,7 +166,9 @@ class TransformersSegmenter:
             **kwargs: ``short_side``, ``tile``, ``overlap`` of the constructor.
 
         Raises:
-            MissingWeightsError: if the model is neither cached nor reachable.
+            MissingWeightsError: if the model is neither a folder nor in the local Hugging Face
+                cache, and cannot be downloaded. The hub is only tried after the cache, and not
+                at all when ``HF_HUB_OFFLINE`` is set or it cannot be reached.
         """
         # transformers is heavy; only the detector paths that segment import it.
         from transformers import (
@@ -149,14 +179,7 @@ class TransformersSegmenter:
         )
 
         source = str(name_or_path)
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except OSError as exc:
-            raise MissingWeightsError(
-                f"segmentation model {source!r} is not in the local cache and could not be "
-                "downloaded; download it once with `hf download "
-                f"{source}` (or pass a local folder), or use segmenter 'none' (--segmenter none)"
-            ) from exc
+        config = _load_local_first(AutoConfig.from_pretrained, source)
         if config.model_type == "segformer":
             model_cls = SegformerForSemanticSegmentation
         elif config.model_type == "mask2former":
@@ -167,15 +190,10 @@ class TransformersSegmenter:
                 "mask2former"
             )
         _check_ade20k(config, source)
-        try:
-            model = model_cls.from_pretrained(source, dtype=dtype)
-        except OSError as exc:
-            raise MissingWeightsError(
-                f"weights of segmentation model {source!r} not found"
-            ) from exc
+        model = _load_local_first(model_cls.from_pretrained, source, dtype=dtype)
         mean, std, short = _IMAGENET_MEAN, _IMAGENET_STD, 640
         try:
-            proc = AutoImageProcessor.from_pretrained(source)
+            proc = _load_local_first(AutoImageProcessor.from_pretrained, source)
             mean = tuple(float(v) for v in getattr(proc, "image_mean", mean))
             std = tuple(float(v) for v in getattr(proc, "image_std", std))
             if max(mean) > 1.0:  # given on the 0..255 scale (processors without rescaling)
@@ -185,7 +203,7 @@ class TransformersSegmenter:
             short = int(
                 size.get("shortest_edge") or min(size.get("height", 640), size.get("width", 640))
             )
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # MissingWeightsError is an OSError
             logger.warning(f"no image processor found for {source!r}; using ImageNet mean/std")
         kwargs.setdefault("short_side", short)
         kwargs.setdefault("tile", max(2 * kwargs["short_side"], 1280))
@@ -282,60 +300,230 @@ class MMSegSegmenter:
         return torch.stack(out).to(images.device)
 
 
-def load_segmenter(
-    name: str | Path | None = DEFAULT_SEGFORMER,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> Any:
-    """Create a segmentation backend from a name.
+# --------------------------------------------------------------------------- loading
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(f.strip().lower() in _TRUE for f in flags)
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether a download can work at all: not offline, and the hub's host answers.
+
+    Without this an offline machine waits through the hub client's retries (about 25 s) before
+    failing on a model that is not cached.
+    """
+    if _offline():
+        return False
+    proxies = urllib.request.getproxies()
+    if proxies.get("https") or proxies.get("http"):
+        return True  # only the proxy knows; let the download try
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except (OSError, TypeError):  # no network, no DNS, or no host in the endpoint
+        return False
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _missing_model_error(source: str, error: BaseException, tried_hub: bool) -> MissingWeightsError:
+    if Path(source).exists():
+        return MissingWeightsError(
+            f"segmentation model {source}: the local folder is incomplete ({_first_line(error)}); "
+            "it must hold config.json and the weights (and preprocessor_config.json)"
+        )
+    how = (
+        f"download it with `hf download {source}` (or pass a local folder), or run without "
+        "segmentation (segmenter 'none', e.g. `detect.segmenter=none` with `raim restore`)"
+    )
+    if tried_hub:
+        return MissingWeightsError(
+            f"segmentation model {source} is not in the local Hugging Face cache and could not "
+            f"be downloaded ({_first_line(error)}): {how}"
+        )
+    return MissingWeightsError(f"segmentation model {source} is not available offline: {how}")
+
+
+def _load_local_first(load: Callable[..., _T], source: str, **kwargs: Any) -> _T:
+    """``load(source, **kwargs)`` from a folder or the local cache, else from the hub.
+
+    The hub is only tried when it can answer (see :func:`_hub_reachable`), so an offline
+    machine fails at once; a model that cannot be found raises `MissingWeightsError`.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        return load(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:  # transformers 5 wraps bad repo ids into OSError
+        if Path(source).exists():
+            # An empty or wrong folder (no config.json) is a ValueError in transformers 5.
+            if isinstance(exc, OSError) or not (Path(source) / "config.json").is_file():
+                raise _missing_model_error(source, exc, tried_hub=False) from exc
+            raise
+        try:
+            validate_repo_id(source)
+        except HFValidationError:
+            raise MissingWeightsError(
+                f"segmentation model {source}: no such folder, and not a hub model id"
+            ) from exc
+        if not _hub_reachable():
+            raise _missing_model_error(source, exc, tried_hub=False) from exc
+    try:
+        return load(source, **kwargs)
+    except OSError as exc:
+        raise _missing_model_error(source, exc, tried_hub=True) from exc
+
+
+SegmenterFactory = Callable[[str, str | torch.device | None, torch.dtype | None], Segmenter]
+"""``factory(argument, device, dtype) -> segmenter``: ``argument`` is what follows ``"name:"``
+in the segmenter name (``""`` for the bare name)."""
+
+SEGMENTER_BACKENDS: dict[str, SegmenterFactory] = {}
+"""Segmentation backends by name; fill it with :func:`register_segmenter`."""
+
+# The backend of names that are neither registered nor ``scheme:...``: hub ids and folders.
+_DEFAULT_BACKEND = "transformers"
+# URI-scheme syntax; one letter is a Windows drive ("C:\\models\\seg"), not a scheme.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-_]+")
+
+
+def register_segmenter(name: str) -> Callable[[SegmenterFactory], SegmenterFactory]:
+    """Register a segmentation backend under ``name`` (a decorator).
+
+    ``load_segmenter(name)`` then calls ``factory("", device, dtype)`` and
+    ``load_segmenter(f"{name}:{argument}")`` calls ``factory(argument, device, dtype)``.
+
+    Example:
+
+    ```py
+    @register_segmenter("mine")
+    def _mine(argument, device, dtype):
+        return MySegmenter(argument or "default.pt", device=device)
+    ```
 
     Args:
-        name: ``"none"`` (or ``None``), ``"segformer"`` (the B5 ADE 640 model), ``"mask2former"``
-            (Swin-L ADE semantic), any SegFormer/Mask2Former hub id or local folder, or
-            ``"mmseg:<config.py>[:<checkpoint.pth>]"``.
-        device, dtype: where and in what precision to run.
+        name (`str`): the backend's name, matched case-insensitively; letters, digits and
+            ``+.-_``, at least two characters.
 
     Returns:
-        a callable ``images -> labels`` with a ``name`` attribute.
+        the decorator, which returns the factory unchanged.
+
+    Raises:
+        ValueError: if the name is malformed or already registered.
     """
-    if name is None or str(name).lower() == "none":
-        return NoSegmenter()
+    key = str(name).lower()
+    if not _SCHEME.fullmatch(key):
+        raise ValueError(
+            f"segmenter backend name {name!r}: use letters, digits and '+.-_', starting with a "
+            "letter, at least two characters"
+        )
+    if key in SEGMENTER_BACKENDS:
+        raise ValueError(f"segmenter backend {name!r} is already registered")
+
+    def decorator(factory: SegmenterFactory) -> SegmenterFactory:
+        SEGMENTER_BACKENDS[key] = factory
+        return factory
+
+    return decorator
+
+
+def _no_argument(name: str, argument: str) -> None:
+    if argument:
+        raise ValueError(
+            f"segmenter {name + ':' + argument!r}: {name!r} takes no argument; give a hub id or "
+            "folder by itself"
+        )
+
+
+@register_segmenter("none")
+def _none_backend(argument: str, device: Any, dtype: Any) -> NoSegmenter:
+    _no_argument("none", argument)
+    return NoSegmenter()
+
+
+@register_segmenter("transformers")
+def _transformers_backend(argument: str, device: Any, dtype: Any) -> TransformersSegmenter:
+    if not argument:
+        raise ValueError("segmenter 'transformers:' needs a hub id or folder after the colon")
+    return TransformersSegmenter.from_pretrained(argument, device, dtype)
+
+
+@register_segmenter("segformer")
+def _segformer_backend(argument: str, device: Any, dtype: Any) -> TransformersSegmenter:
+    _no_argument("segformer", argument)
+    return TransformersSegmenter.from_pretrained(DEFAULT_SEGFORMER, device, dtype)
+
+
+@register_segmenter("mask2former")
+def _mask2former_backend(argument: str, device: Any, dtype: Any) -> TransformersSegmenter:
+    _no_argument("mask2former", argument)
+    return TransformersSegmenter.from_pretrained(DEFAULT_MASK2FORMER, device, dtype)
+
+
+@register_segmenter("mmseg")
+def _mmseg_backend(argument: str, device: Any, dtype: Any) -> MMSegSegmenter:
+    config, _, checkpoint = argument.partition(":")
+    if not config:
+        raise ValueError("segmenter 'mmseg' needs a config: 'mmseg:<config.py>[:<checkpoint>]'")
+    return MMSegSegmenter(config, checkpoint or None, str(device or "cpu"))
+
+
+def _resolve(name: str | os.PathLike) -> tuple[str, str]:
+    """(backend, argument) of a segmenter name."""
     text = str(name)
-    if text.startswith("mmseg:"):
-        parts = text.split(":", 2)
-        return MMSegSegmenter(parts[1], parts[2] if len(parts) > 2 else None, str(device or "cpu"))
-    alias = {"segformer": DEFAULT_SEGFORMER, "mask2former": DEFAULT_MASK2FORMER}
-    return TransformersSegmenter.from_pretrained(alias.get(text.lower(), text), device, dtype)
+    if text.lower() in SEGMENTER_BACKENDS:
+        return text.lower(), ""
+    if isinstance(name, os.PathLike) or Path(text).exists():
+        return _DEFAULT_BACKEND, text
+    scheme, sep, argument = text.partition(":")
+    if sep and _SCHEME.fullmatch(scheme):
+        if scheme.lower() not in SEGMENTER_BACKENDS:
+            known = ", ".join(f"{k!r}" for k in sorted(SEGMENTER_BACKENDS))
+            raise ValueError(
+                f"segmenter {text!r}: unknown backend {scheme!r}; known backends: {known} "
+                "(as 'name' or 'name:argument'), or a hub id or folder"
+            )
+        return scheme.lower(), argument
+    return _DEFAULT_BACKEND, text
 
 
-def tiny_segformer_segmenter(seed: int = 0, short_side: int = 64) -> TransformersSegmenter:
-    """A randomly initialised two-stage SegFormer with 150 labels, for tests and CPU demos.
+def load_segmenter(
+    name: str | os.PathLike | None = DEFAULT_SEGFORMER,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Segmenter:
+    """Create a segmentation backend from its name, through `SEGMENTER_BACKENDS`.
 
-    The weights are drawn inside ``torch.random.fork_rng`` so the caller's RNG state is untouched.
+    Args:
+        name (`str`, `os.PathLike` or `None`): ``"none"`` (or `None`): no segmentation;
+            ``"segformer"`` (the B5 ADE 640 model), ``"mask2former"`` (Swin-L ADE semantic);
+            ``"mmseg:<config.py>[:<checkpoint.pth>]"``; ``"<backend>:<argument>"`` for any
+            registered backend; any other name is a SegFormer/Mask2Former hub id or local folder.
+        device (`str` or `torch.device`, *optional*): where to run.
+        dtype (`torch.dtype`, *optional*): in what precision to run.
+
+    Returns:
+        `Segmenter`: a callable ``images -> labels`` with a ``name`` attribute.
+
+    Raises:
+        ValueError: for an unknown ``backend:`` prefix (the message lists the known ones).
+        MissingWeightsError: if the model is neither local nor downloadable.
     """
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
-
-    config = SegformerConfig(
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[8, 16],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 1],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-        num_labels=len(ADE20K_CLASSES),
-        id2label=dict(enumerate(ADE20K_CLASSES)),
-        label2id={c: i for i, c in enumerate(ADE20K_CLASSES)},
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SegformerForSemanticSegmentation(config)
-    return TransformersSegmenter(
-        model,
-        short_side=short_side,
-        tile=max(2 * short_side, 128),
-        overlap=16,
-        name="tiny-segformer",
-    )
+    if name is None:
+        name = "none"
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"segmenter: expected a name, hub id or folder, got {type(name).__name__}")
+    backend, argument = _resolve(name)
+    return SEGMENTER_BACKENDS[backend](argument, device, dtype)
