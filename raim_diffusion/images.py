@@ -6,9 +6,11 @@ alpha channels, CMYK, ICC profiles and EXIF orientation:
 
 - :func:`load_image` reads one image (a path, bytes, a binary file, a PIL image, a numpy array
   or a torch tensor) into a :class:`LoadedImage`: the RGB tensor plus what is needed to write the
-  result back the way the input was (alpha, bit depth, ICC profile).
+  result back the way the input was (alpha, bit depth, ICC profile, grayscale, EXIF).
 - :func:`to_tensor` turns one image or a list of same-sized images into one (N, 3, H, W) batch.
-- :func:`save_image` writes PNG / JPEG / WebP / TIFF / BMP atomically, 8- or 16-bit, with alpha.
+- :func:`save_image` writes PNG / JPEG / WebP / TIFF / BMP atomically, 8- or 16-bit, with alpha;
+  ``save_image(x, path, like=loaded)`` writes `x` the way `loaded` was stored.
+- :func:`check_unit_range` is the one value check of float images: finite and in [0, 1].
 - :func:`to_pil` and :func:`to_numpy` convert tensors for display and for other libraries.
 
 Finding inputs, output paths and atomic writes live in :mod:`raim_diffusion.files`.
@@ -20,8 +22,11 @@ names the file (or the argument) and the problem; a wrong Python type raises ``T
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import math
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -42,8 +47,11 @@ from .ops import resize
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "RANGE_TOLERANCE",
     "LoadedImage",
+    "check_unit_range",
     "load_image",
     "resize_alpha",
     "save_image",
@@ -58,9 +66,14 @@ __all__ = [
 #: about 179 megapixels by default), so the number documented here is the one enforced.
 DEFAULT_MAX_PIXELS: int = 2**27
 
-# Floats slightly outside [0, 1] (resampling overshoot, VAE decoding) are clamped; anything
-# further out is almost always a [0, 255] or [-1, 1] image passed by mistake, so it is refused.
-_RANGE_TOLERANCE = 0.05
+#: Default limit on the size of an image file read by :func:`load_image` (1 GiB), checked before
+#: reading: an entry that claims to be an image must not make the reader exhaust memory.
+DEFAULT_MAX_FILE_BYTES: int = 2**30
+
+#: How far float images may stray outside [0, 1] and still be accepted (then clamped) by
+#: :func:`check_unit_range`: resampling overshoot and VAE decoding land slightly outside; anything
+#: further out is almost always a [0, 255] or [-1, 1] image passed by mistake, so it is refused.
+RANGE_TOLERANCE: float = 0.05
 
 _SUFFIX_TO_FORMAT = {
     ".png": "PNG",
@@ -90,6 +103,20 @@ _ORIENTATION_TO_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION_TAG = 0x0112
+_EXIF_PREFIX = b"Exif\x00\x00"
+# The EXIF tags of a TIFF's first directory that describe the photo rather than the pixel
+# layout (which belongs to whichever file is written): ImageDescription, Make, Model,
+# Orientation, X/YResolution, ResolutionUnit, Software, DateTime, Artist, WhitePoint,
+# PrimaryChromaticities, Copyright, and the Exif and GPS sub-directories.
+_EXIF_IFD_TAGS = (0x8769, 0x8825)
+_EXIF_DESCRIPTIVE_TAGS = (
+    0x010E, 0x010F, 0x0110, 0x0112, 0x011A, 0x011B, 0x0128, 0x0131, 0x0132, 0x013B, 0x013E,
+    0x013F, 0x8298, *_EXIF_IFD_TAGS,
+)  # fmt: skip
+# A JPEG APP1 segment holds at most 65535 bytes, 2 of which are its length.
+_JPEG_MAX_EXIF_BYTES = 65533
+# ITU-R BT.601 luma, the weights of PIL's convert("L").
+_LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 ImageInput = Union[str, os.PathLike, bytes, IO[bytes], Image.Image, np.ndarray, torch.Tensor]
 
@@ -117,8 +144,12 @@ class LoadedImage:
             (except CMYK, which must become RGB); :func:`save_image` re-embeds the profile so the
             colours of the output mean what those of the input meant.
         grayscale (`bool`):
-            Whether the source had a single colour channel (its three channels are equal), so a
-            caller can write a grayscale result with ``save_image(x[:, :1], ...)``.
+            Whether the source had a single colour channel (L, LA, 16-bit gray; its three
+            channels are equal). ``save_image(x, path, like=loaded)`` then writes one channel.
+        exif (`bytes` or `None`):
+            The source's raw EXIF block (starting with ``b"Exif\\0\\0"``) with its orientation
+            set to 1, since :attr:`tensor` is already upright; `None` when there is none. For
+            TIFF sources only the tags describing the photo are kept (not the pixel layout).
     """
 
     tensor: torch.Tensor
@@ -128,6 +159,7 @@ class LoadedImage:
     format: str | None = None
     icc_profile: bytes | None = None
     grayscale: bool = False
+    exif: bytes | None = None
 
     @property
     def height(self) -> int:
@@ -164,6 +196,7 @@ class _Pixels:
     bit_depth: int
     icc_profile: bytes | None = None
     format: str | None = None
+    exif: bytes | None = None
 
 
 def _import_cv2() -> Any:
@@ -207,25 +240,150 @@ def _exif_orientation(im: Image.Image, name: str) -> int:
     return orientation if orientation in _ORIENTATION_TO_TRANSPOSE else 1
 
 
-def _png_exif_orientation(data: bytes, name: str) -> int:
-    """EXIF orientation from a PNG's eXIf chunk, found by walking the chunk headers."""
+def _with_exif_prefix(raw: bytes) -> bytes:
+    return raw if raw.startswith(_EXIF_PREFIX) else _EXIF_PREFIX + raw
+
+
+def _raw_exif_orientation(raw: bytes | None, name: str) -> int:
+    """The orientation stored in a raw EXIF block (with or without the "Exif" prefix)."""
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(_with_exif_prefix(raw))
+        orientation = int(exif.get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception as e:
+        logger.warning(f"{name}: ignoring unreadable EXIF data ({e})")
+        return 1
+    return orientation if orientation in _ORIENTATION_TO_TRANSPOSE else 1
+
+
+def _png_exif(data: bytes) -> bytes | None:
+    """The payload of a PNG's eXIf chunk, found by walking the chunk headers.
+
+    PIL's PNG getexif() would decode the whole image (to 8 bits) to find a trailing eXIf chunk;
+    reading the chunk directly avoids that second decode.
+    """
     pos = 8
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         if kind == b"eXIf":
-            exif = Image.Exif()
-            try:
-                payload = data[pos + 8 : pos + 8 + length]
-                exif.load(payload if payload.startswith(b"Exif") else b"Exif\x00\x00" + payload)
-                orientation = int(exif.get(_EXIF_ORIENTATION_TAG, 1))
-            except Exception as e:
-                logger.warning(f"{name}: ignoring unreadable EXIF data ({e})")
-                return 1
-            return orientation if orientation in _ORIENTATION_TO_TRANSPOSE else 1
+            return data[pos + 8 : pos + 8 + length]
         if kind == b"IEND":
             break
         pos += 12 + length
-    return 1
+    return None
+
+
+def _upright_exif(raw: bytes) -> bytes:
+    """A raw EXIF block, prefixed with "Exif\\0\\0", whose orientation says "upright" (1).
+
+    The block is patched in place rather than parsed and rebuilt, so every other tag (maker
+    notes included) keeps its exact bytes and offsets.
+    """
+    raw = _with_exif_prefix(raw)
+    return _EXIF_PREFIX + _tiff_without_orientation(raw[len(_EXIF_PREFIX) :])
+
+
+def _descriptive_exif(exif: Image.Exif, sub_ifds: bool = True) -> bytes | None:
+    """The tags of `exif` that describe the photo (see _EXIF_DESCRIPTIVE_TAGS), orientation 1.
+
+    A TIFF's own directory mixes EXIF tags with its pixel layout (size, strips, compression);
+    only the former may travel to another file. `sub_ifds=False` leaves out the Exif and GPS
+    sub-directories.
+    """
+    keep = Image.Exif()
+    for tag in _EXIF_DESCRIPTIVE_TAGS:
+        if tag not in exif or (tag in _EXIF_IFD_TAGS and not sub_ifds):
+            continue
+        value = exif.get_ifd(tag) if tag in _EXIF_IFD_TAGS else exif[tag]
+        if value not in (None, {}):
+            keep[tag] = value
+    if not len(keep):
+        return None
+    if _EXIF_ORIENTATION_TAG in keep:
+        keep[_EXIF_ORIENTATION_TAG] = 1
+    return keep.tobytes()
+
+
+def _exif_of(im: Image.Image, name: str) -> bytes | None:
+    """The EXIF block of an opened image, orientation reset to 1; `None` when it has none."""
+    try:
+        raw = im.info.get("exif")
+        if isinstance(raw, (bytes, bytearray)) and raw:
+            return _upright_exif(bytes(raw))
+        if im.format == "PNG" and "exif" not in im.info:
+            return None  # (PIL's getexif would decode the image to look for a trailing chunk)
+        return _descriptive_exif(im.getexif())  # TIFF tags, or EXIF set on an in-memory image
+    except Exception as e:  # malformed EXIF must not make an otherwise good photo unreadable
+        logger.warning(f"{name}: ignoring unreadable EXIF data ({e})")
+        return None
+
+
+# Bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ..., LONG8, IFD8).
+_TIFF_TYPE_SIZES = {
+    1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8,
+    17: 8, 18: 8,
+}  # fmt: skip
+_TIFF_INT_FORMATS = {3: "H", 4: "I", 16: "Q"}
+_TIFF_ICC_TAG = 34675
+
+
+@dataclass
+class _TiffDirectory:
+    """The first directory (IFD) of a TIFF: byte order, BigTIFF flag and its entries."""
+
+    order: str
+    big: bool
+    # (tag, field type, value count, position of the value field in the file)
+    entries: list[tuple[int, int, int, int]]
+
+    def int_value(self, data: bytes, tag: int) -> int | None:
+        for entry_tag, kind, count, at in self.entries:
+            if entry_tag == tag and count >= 1 and kind in _TIFF_INT_FORMATS:
+                return int(struct.unpack_from(self.order + _TIFF_INT_FORMATS[kind], data, at)[0])
+        return None
+
+    def raw_value(self, data: bytes, tag: int) -> bytes | None:
+        for entry_tag, kind, count, at in self.entries:
+            if entry_tag == tag:
+                size = _TIFF_TYPE_SIZES.get(kind, 1) * count
+                if size <= (8 if self.big else 4):
+                    return data[at : at + size]
+                (offset,) = struct.unpack_from(self.order + ("Q" if self.big else "I"), data, at)
+                value = data[offset : offset + size]
+                return value if len(value) == size else None
+        return None
+
+
+def _tiff_directory(data: bytes) -> _TiffDirectory | None:
+    """Parse a classic or BigTIFF's first directory from its header; `None` if it is damaged."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None:
+        return None
+    try:
+        (magic,) = struct.unpack_from(order + "H", data, 2)
+        if magic == 42:  # classic TIFF: 2-byte entry count, 12-byte entries, 4-byte values
+            (ifd,) = struct.unpack_from(order + "I", data, 4)
+            count_fmt, entry_size, value_at, count_at = "H", 12, 8, "I"
+        elif magic == 43:  # BigTIFF: 8-byte entry count, 20-byte entries, 8-byte values
+            (ifd,) = struct.unpack_from(order + "Q", data, 8)
+            count_fmt, entry_size, value_at, count_at = "Q", 20, 12, "Q"
+        else:
+            return None
+        (n,) = struct.unpack_from(order + count_fmt, data, ifd)
+        first = ifd + struct.calcsize(count_fmt)
+        if first + n * entry_size > len(data):
+            return None
+        entries = []
+        for i in range(n):
+            at = first + i * entry_size
+            tag, kind = struct.unpack_from(order + "HH", data, at)
+            (count,) = struct.unpack_from(order + count_at, data, at + 4)
+            entries.append((tag, kind, count, at + value_at))
+    except struct.error:
+        return None
+    return _TiffDirectory(order, magic == 43, entries)
 
 
 def _tiff_without_orientation(data: bytes) -> bytes:
@@ -233,33 +391,35 @@ def _tiff_without_orientation(data: bytes) -> bytes:
 
     OpenCV applies the TIFF orientation itself (even with IMREAD_IGNORE_ORIENTATION) and fails
     on the transposing ones (5-8), so the tag is neutralised and the orientation applied here,
-    the same way as for every other format.
+    the same way as for every other format. EXIF blocks have the same layout.
     """
-    order = {b"II": "<", b"MM": ">"}.get(data[:2])
-    if order is None:
+    directory = _tiff_directory(data)
+    if directory is None:
         return data
-    try:
-        (magic,) = struct.unpack_from(order + "H", data, 2)
-        if magic == 42:  # classic TIFF: 2-byte entry count, 12-byte entries
-            (ifd,) = struct.unpack_from(order + "I", data, 4)
-            count_fmt, entry_size, value_at = "H", 12, 8
-        elif magic == 43:  # BigTIFF: 8-byte entry count, 20-byte entries
-            (ifd,) = struct.unpack_from(order + "Q", data, 8)
-            count_fmt, entry_size, value_at = "Q", 20, 12
-        else:
-            return data
-        (entries,) = struct.unpack_from(order + count_fmt, data, ifd)
-        first = ifd + struct.calcsize(count_fmt)
-        for i in range(entries):
-            entry = first + i * entry_size
-            tag, kind = struct.unpack_from(order + "HH", data, entry)
-            if tag == _EXIF_ORIENTATION_TAG and kind == 3:  # 0x0112 = 274, type SHORT
-                patched = bytearray(data)
-                struct.pack_into(order + "H", patched, entry + value_at, 1)
-                return bytes(patched)
-    except struct.error:
-        pass
+    for tag, kind, count, at in directory.entries:
+        if tag == _EXIF_ORIENTATION_TAG and kind == 3 and count >= 1:  # 0x0112, type SHORT
+            patched = bytearray(data)
+            struct.pack_into(directory.order + "H", patched, at, 1)
+            return bytes(patched)
     return data
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from the file header alone, without decoding any pixel."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    if data[:2] in (b"II", b"MM"):
+        directory = _tiff_directory(data)
+        if directory is None:
+            return None
+        width, height = directory.int_value(data, 256), directory.int_value(data, 257)
+        return (width, height) if width is not None and height is not None else None
+    with contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    return None
 
 
 def _orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -297,15 +457,21 @@ def _split_channels(arr: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray 
     raise InvalidImageError(f"{name}: unsupported number of channels {channels} (allowed: 1-4)")
 
 
-def _decode_with_cv2(data: bytes, name: str, orientation: int) -> _Pixels:
+def _decode_with_cv2(data: bytes, name: str, orientation: int, max_pixels: int | None) -> _Pixels:
     # PIL silently reduces 16-bit RGB(A) PNG/TIFF to 8 bits (and cannot open float RGB TIFF);
-    # OpenCV keeps every bit.
+    # OpenCV keeps every bit. OpenCV has no header-only API, so the size is read from the
+    # header here and checked before a single pixel is decoded.
+    size = _header_size(data)
+    if size is None:
+        raise InvalidImageError(f"{name}: cannot read the image size from its damaged header")
+    _check_pixels(size[0], size[1], name, max_pixels)
     cv2 = _import_cv2()
     arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise InvalidImageError(
             f"{name}: image data is truncated or corrupt (OpenCV could not decode it)"
         )
+    _check_pixels(arr.shape[1], arr.shape[0], name, max_pixels)
     if arr.ndim == 3 and arr.shape[2] == 3:
         arr = arr[..., ::-1]
     elif arr.ndim == 3 and arr.shape[2] == 4:
@@ -314,7 +480,6 @@ def _decode_with_cv2(data: bytes, name: str, orientation: int) -> _Pixels:
         arr = _check_float_array(arr.astype(np.float32), name)
     elif arr.dtype not in (np.uint8, np.uint16):
         arr = _integer_to_uint16(arr, name)
-    _check_pixels(arr.shape[1], arr.shape[0], name, None)
     color, alpha = _split_channels(_orient_array(arr, orientation), name)
     return _Pixels(color, alpha, 8 if arr.dtype == np.uint8 else 16)
 
@@ -378,13 +543,8 @@ def _decode_bytes(data: bytes, name: str, max_pixels: int | None) -> _Pixels:
                 f"{name}: {e} (Pillow's own limit; raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
             ) from e
         except UnidentifiedImageError as e:
-            if data[:4] in (b"II*\x00", b"MM\x00*"):
-                # A TIFF layout Pillow cannot open (e.g. float RGB): OpenCV can. Its own pixel
-                # limit (CV_IO_MAX_IMAGE_PIXELS) guards the decode, ours is checked after.
-                pixels = _decode_with_cv2(data, name, orientation=1)
-                _check_pixels(pixels.color.shape[1], pixels.color.shape[0], name, max_pixels)
-                pixels.format = "TIFF"
-                return pixels
+            if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+                return _decode_tiff_with_cv2(data, name, max_pixels)
             raise InvalidImageError(
                 f"{name}: cannot identify the image format: not an image, an unsupported "
                 f"format or a damaged header ({len(data)} bytes)"
@@ -402,35 +562,51 @@ def _decode_bytes(data: bytes, name: str, max_pixels: int | None) -> _Pixels:
             icc = im.info.get("icc_profile")
             if _file_bit_depth(im, data) == 16 and im.mode not in _SIXTEEN_BIT_MODES:
                 if im.format == "PNG":
-                    # PIL's PNG getexif() would decode the whole image (to 8 bits) to find a
-                    # trailing eXIf chunk; reading the chunk directly avoids that second decode.
-                    orientation = _png_exif_orientation(data, name)
+                    raw_exif = _png_exif(data)
+                    orientation = _raw_exif_orientation(raw_exif, name)
+                    exif = _upright_exif(raw_exif) if raw_exif else None
                 else:
                     orientation = _exif_orientation(im, name)
+                    exif = _exif_of(im, name)
                 if im.format == "TIFF" and orientation != 1:
                     data = _tiff_without_orientation(data)
-                pixels = _decode_with_cv2(data, name, orientation)
+                pixels = _decode_with_cv2(data, name, orientation, max_pixels)
                 pixels.icc_profile = icc
+                pixels.exif = exif
             else:
                 pixels = _upright_pixels(im, name)
     pixels.format = file_format
     return pixels
 
 
+def _decode_tiff_with_cv2(data: bytes, name: str, max_pixels: int | None) -> _Pixels:
+    """A TIFF layout Pillow cannot open (e.g. float RGB): OpenCV can."""
+    directory = _tiff_directory(data)
+    orientation = directory.int_value(data, _EXIF_ORIENTATION_TAG) if directory else None
+    orientation = orientation if orientation in _ORIENTATION_TO_TRANSPOSE else 1
+    if orientation != 1:
+        data = _tiff_without_orientation(data)
+    pixels = _decode_with_cv2(data, name, orientation, max_pixels)
+    pixels.format = "TIFF"
+    if directory is not None:
+        pixels.icc_profile = directory.raw_value(data, _TIFF_ICC_TAG) or None
+    return pixels
+
+
 def _check_float_array(arr: np.ndarray, name: str) -> np.ndarray:
-    if not np.isfinite(arr).all():
+    lo, hi = float(arr.min()), float(arr.max())  # NaN and infinities show here too
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InvalidImageError(f"{name}: contains NaN or infinite values")
-    lo, hi = float(arr.min()), float(arr.max())
     _check_range(lo, hi, name)
     return np.clip(arr, 0.0, 1.0)
 
 
 def _check_range(lo: float, hi: float, name: str) -> None:
-    if lo >= -_RANGE_TOLERANCE and hi <= 1.0 + _RANGE_TOLERANCE:
+    if lo >= -RANGE_TOLERANCE and hi <= 1.0 + RANGE_TOLERANCE:
         return
-    if lo >= -_RANGE_TOLERANCE and hi <= 255.0 + _RANGE_TOLERANCE:
+    if lo >= -RANGE_TOLERANCE and hi <= 255.0 + RANGE_TOLERANCE:
         hint = "it looks like [0, 255]: divide by 255"
-    elif lo >= -1.0 - _RANGE_TOLERANCE and hi <= 1.0 + _RANGE_TOLERANCE:
+    elif lo >= -1.0 - RANGE_TOLERANCE and hi <= 1.0 + RANGE_TOLERANCE:
         hint = "it looks like [-1, 1]: use (x + 1) / 2"
     else:
         hint = "rescale it to [0, 1]"
@@ -483,6 +659,47 @@ def _numpy_to_pixels(arr: np.ndarray, name: str) -> _Pixels:
     return _Pixels(color, alpha, depth)
 
 
+def check_unit_range(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Check that a float image is finite and in [0, 1]; return it clamped to [0, 1].
+
+    This is the one value check of the library, made once where images enter it. Values up to
+    :data:`RANGE_TOLERANCE` outside [0, 1] (resampling overshoot, VAE decoding) are accepted
+    and clamped; anything further out is refused with a hint ([0, 255] and [-1, 1] images are
+    recognised). It costs one pass over the tensor (``torch.aminmax``) and one transfer of two
+    numbers to the host, whatever the device: NaN and infinities show in the minimum or
+    maximum, so finiteness needs no pass of its own.
+
+    Args:
+        x (`torch.Tensor`): a floating-point tensor of any shape and device, not empty.
+        name (`str`): the argument's name, used in error messages (e.g. `"image"`).
+
+    Returns:
+        `torch.Tensor`: ``x.clamp(0, 1)``, a new tensor (never `x` itself, so callers may
+        work on it in place without touching the caller's image).
+
+    Raises:
+        InvalidImageError: NaN or infinite values, or values outside the tolerance (a
+            ``ValueError`` naming `name` and the range found).
+        TypeError: `x` is not a floating-point tensor.
+
+    Example:
+        ```py
+        image = check_unit_range(image, "image")
+        ```
+    """
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"`{name}` must be a floating-point tensor in [0, 1], got {kind}")
+    if x.numel() == 0:
+        raise InvalidImageError(f"`{name}` has zero size (shape {tuple(x.shape)})")
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = torch.stack([lo, hi]).float().tolist()  # the one host synchronisation
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InvalidImageError(f"`{name}` contains NaN or infinite values")
+    _check_range(lo, hi, f"`{name}`")
+    return x.clamp(0.0, 1.0)
+
+
 def _tensor_to_unit_float(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
     """Any accepted torch dtype -> float32 in [0, 1] (same device), plus the bit depth."""
     if t.dtype == torch.uint8:
@@ -490,11 +707,7 @@ def _tensor_to_unit_float(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int
     if t.dtype == torch.uint16:  # bare-bones dtype off the CPU: convert there
         return (t.cpu().to(torch.float32) / 65535.0).to(t.device), 16
     if t.dtype.is_floating_point:
-        t = t.to(torch.float32)
-        if not bool(torch.isfinite(t).all()):
-            raise InvalidImageError(f"`{name}` contains NaN or infinite values")
-        _check_range(float(t.min()), float(t.max()), f"`{name}`")
-        return t.clamp(0.0, 1.0), 16
+        return check_unit_range(t.to(torch.float32), name), 16
     raise TypeError(
         f"`{name}` has dtype {t.dtype}; allowed: uint8, uint16, or a float dtype in [0, 1]"
     )
@@ -563,6 +776,7 @@ def _pixels_to_loaded(
         format=pixels.format,
         icc_profile=pixels.icc_profile,
         grayscale=pixels.color.shape[2] == 1,
+        exif=pixels.exif,
     )
 
 
@@ -571,6 +785,7 @@ def load_image(
     *,
     device: torch.device | str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
 ) -> LoadedImage:
     """Read one image into the library's data contract.
 
@@ -591,32 +806,42 @@ def load_image(
         max_pixels (`int` or `None`, defaults to `DEFAULT_MAX_PIXELS`):
             Refuse files or PIL images with more than this many pixels (decompression bombs);
             `None` disables the check. Pillow's own hard limit (twice
-            ``PIL.Image.MAX_IMAGE_PIXELS``) still applies to files.
+            ``PIL.Image.MAX_IMAGE_PIXELS``) still applies to files. The size is read from the
+            file header and checked before any pixel is decoded, whichever decoder is used.
+        max_bytes (`int` or `None`, defaults to `DEFAULT_MAX_FILE_BYTES`):
+            Refuse files and file objects larger than this (checked before reading where the
+            size is known; at most ``max_bytes + 1`` bytes are ever read); `None` disables it.
+            Only regular files are read: a FIFO, device or socket is refused.
 
     Returns:
         :class:`LoadedImage`: `tensor` (1, 3, H, W) float32 in [0, 1], `alpha` (1, 1, H, W) or
-        `None`, `bit_depth`, `source`, `format` and `icc_profile`.
+        `None`, `bit_depth`, `source`, `format`, `icc_profile`, `grayscale` and `exif`.
 
     Raises:
         InvalidImageError: missing, empty, truncated, corrupt, zero-sized or too large files,
-            files that are not images, arrays or tensors with a wrong shape or value range.
+            files that are not images, broken links, FIFOs, devices and sockets, arrays or
+            tensors with a wrong shape or value range.
         TypeError: an unsupported input type or array/tensor dtype.
     """
     if isinstance(src, LoadedImage):
         return src.to(device) if device is not None else src
+    if max_bytes is not None and (isinstance(max_bytes, bool) or int(max_bytes) < 0):
+        raise ValueError(f"`max_bytes` must be a number of bytes >= 0 or None, got {max_bytes!r}")
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         return _pixels_to_loaded(
-            _decode_bytes(_read_file(path), str(path), max_pixels), path, device
+            _decode_bytes(_read_file(path, max_bytes), str(path), max_pixels), path, device
         )
     if isinstance(src, (bytes, bytearray, memoryview)):
         pixels = _decode_bytes(bytes(src), "<bytes>", max_pixels)
         return _pixels_to_loaded(pixels, None, device)
     if hasattr(src, "read"):
         name = str(getattr(src, "name", "<file object>"))
-        data = src.read()
+        data = src.read() if max_bytes is None else src.read(max_bytes + 1)
         if not isinstance(data, bytes):
             raise TypeError(f"`src` file object {name} must be opened in binary mode ('rb')")
+        if max_bytes is not None and len(data) > max_bytes:
+            raise InvalidImageError(_too_large(name, len(data), max_bytes))
         return _pixels_to_loaded(_decode_bytes(data, name, max_pixels), None, device)
     if isinstance(src, Image.Image):
         return _pixels_to_loaded(_decode_pil(src, max_pixels), None, device)
@@ -640,15 +865,74 @@ def load_image(
     )
 
 
-def _read_file(path: Path) -> bytes:
-    if not path.exists():
-        raise InvalidImageError(f"{path}: file does not exist")
-    if path.is_dir():
-        raise InvalidImageError(f"{path}: is a folder, not an image file")
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(mode: int) -> str:
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _read_file(path: Path, max_bytes: int | None) -> bytes:
+    """Read a regular file of at most `max_bytes` bytes.
+
+    The file is opened first and then examined through the open descriptor (no race with a
+    swapped entry), non-blocking so that opening a FIFO cannot hang; a FIFO, device or socket
+    named like an image is refused, and so is a file larger than the limit, before reading.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        return path.read_bytes()
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = os.readlink(path)
+            raise InvalidImageError(
+                f"{path}: is a broken symbolic link (its target {target} does not exist)"
+            ) from None
+        raise InvalidImageError(f"{path}: file does not exist") from None
     except OSError as e:
-        raise InvalidImageError(f"{path}: cannot read file ({e.strerror or e})") from e
+        if e.errno == errno.ELOOP:
+            raise InvalidImageError(f"{path}: is a symbolic link loop") from e
+        try:
+            st_mode: int | None = os.stat(path).st_mode
+        except OSError:
+            st_mode = None
+        if st_mode is not None and stat.S_ISDIR(st_mode):  # opening a folder fails on Windows
+            raise InvalidImageError(f"{path}: is a folder, not an image file") from e
+        if st_mode is not None and not stat.S_ISREG(st_mode):  # e.g. a socket: ENXIO
+            raise InvalidImageError(f"{path}: is {_not_regular(st_mode)}, not an image file") from e
+        raise InvalidImageError(f"{path}: cannot open file ({e.strerror or e})") from e
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise InvalidImageError(f"{path}: is a folder, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidImageError(f"{path}: is {_not_regular(info.st_mode)}, not an image file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise InvalidImageError(_too_large(path, info.st_size, max_bytes))
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        try:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except OSError as e:
+            raise InvalidImageError(f"{path}: cannot read file ({e.strerror or e})") from e
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while being read
+        raise InvalidImageError(_too_large(path, len(data), max_bytes))
+    return data
+
+
+def _too_large(name: object, size: int, max_bytes: int) -> str:
+    return (
+        f"{name}: file is {size} bytes, more than the limit of {max_bytes}; pass a larger "
+        "max_bytes to allow it"
+    )
 
 
 def _decode_pil(im: Image.Image, max_pixels: int | None) -> _Pixels:
@@ -669,9 +953,12 @@ def _upright_pixels(im: Image.Image, name: str) -> _Pixels:
             f"{name}: image data is truncated or corrupt ({type(e).__name__}: {e})"
         ) from e
     orientation = _exif_orientation(im, name)
+    exif = _exif_of(im, name)
     if orientation != 1:
         im = im.transpose(_ORIENTATION_TO_TRANSPOSE[orientation])
-    return _pil_to_pixels(im, name)
+    pixels = _pil_to_pixels(im, name)
+    pixels.exif = exif
+    return pixels
 
 
 def to_tensor(
@@ -796,9 +1083,7 @@ def _quantize(x: torch.Tensor, bit_depth: int) -> np.ndarray:
     return q.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def resize_alpha(
-    alpha: torch.Tensor | None, size: tuple[int, int]
-) -> torch.Tensor | None:
+def resize_alpha(alpha: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor | None:
     """Resize an alpha channel to the output size, the way images are resized
     (`raim_diffusion.ops.resize`).
 
@@ -841,16 +1126,46 @@ def _image_format_for(path: Path) -> str:
     return fmt
 
 
-def _png_with_icc(png: bytes, icc_profile: bytes) -> bytes:
-    """Insert an iCCP chunk right after IHDR (OpenCV cannot embed profiles itself)."""
-    body = b"icc\x00\x00" + zlib.compress(icc_profile)
-    chunk = struct.pack(">I", len(body)) + b"iCCP" + body
-    chunk += struct.pack(">I", zlib.crc32(b"iCCP" + body) & 0xFFFFFFFF)
+def _png_with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
+    """Insert a chunk right after IHDR (OpenCV cannot embed profiles or EXIF itself)."""
+    chunk = struct.pack(">I", len(body)) + kind + body
+    chunk += struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
     ihdr_end = 8 + 4 + 4 + 13 + 4  # signature, length, type, IHDR data, CRC
     return png[:ihdr_end] + chunk + png[ihdr_end:]
 
 
-def _encode_16bit(arr: np.ndarray, fmt: str, icc_profile: bytes | None, path: Path) -> bytes:
+def _tiff_with_icc(tiff: bytes, icc_profile: bytes) -> bytes | None:
+    """A classic TIFF with an ICC profile tag added to its first directory (OpenCV cannot).
+
+    The profile and a copy of the directory, with the new entry in tag order, are appended
+    and the header pointed at the copy; every existing offset stays valid. `None` if the file
+    is not a classic TIFF this can patch.
+    """
+    directory = _tiff_directory(tiff)
+    if directory is None or directory.big:
+        return None
+    order = directory.order
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    count = len(directory.entries)
+    entries = [tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i] for i in range(count)]
+    (next_ifd,) = struct.unpack_from(order + "I", tiff, ifd + 2 + 12 * count)
+    entries = [e for e in entries if struct.unpack_from(order + "H", e)[0] != _TIFF_ICC_TAG]
+    out = bytearray(tiff)
+    out += b"\0" * (len(out) % 2)  # TIFF values and directories start on word boundaries
+    icc_at = len(out)
+    out += icc_profile + b"\0" * (len(icc_profile) % 2)
+    entries.append(struct.pack(order + "HHII", _TIFF_ICC_TAG, 7, len(icc_profile), icc_at))
+    entries.sort(key=lambda e: struct.unpack_from(order + "H", e)[0])
+    new_ifd = len(out)
+    out += struct.pack(order + "H", len(entries)) + b"".join(entries)
+    out += struct.pack(order + "I", next_ifd)
+    struct.pack_into(order + "I", out, 4, new_ifd)
+    return bytes(out)
+
+
+def _encode_16bit(
+    arr: np.ndarray, fmt: str, icc_profile: bytes | None, exif: bytes | None, path: Path
+) -> bytes:
     cv2 = _import_cv2()
     channels = arr.shape[2]
     if channels == 1:
@@ -869,12 +1184,49 @@ def _encode_16bit(arr: np.ndarray, fmt: str, icc_profile: bytes | None, path: Pa
     if not ok:
         raise OSError(f"{path}: OpenCV failed to encode a 16-bit {fmt}")
     data = buf.tobytes()
+    if fmt == "PNG":
+        if icc_profile:
+            data = _png_with_chunk(data, b"iCCP", b"icc\x00\x00" + zlib.compress(icc_profile))
+        if exif:  # PNG stores EXIF without the "Exif\0\0" prefix
+            data = _png_with_chunk(data, b"eXIf", exif[len(_EXIF_PREFIX) :])
+        return data
     if icc_profile:
-        if fmt == "PNG":
-            data = _png_with_icc(data, icc_profile)
-        else:
-            logger.warning(f"{path}: the ICC profile is not embedded in 16-bit TIFF output")
+        patched = _tiff_with_icc(data, icc_profile)
+        if patched is None:
+            logger.warning(f"{path}: the ICC profile is not embedded in this 16-bit TIFF")
+        data = patched or data
+    if exif:
+        logger.warning(f"{path}: EXIF data is not embedded in 16-bit TIFF output")
     return data
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) luma with PIL's convert("L") weights (ITU-R BT.601)."""
+    weights = torch.tensor(_LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
+
+
+def _exif_for_format(exif: bytes, fmt: str, path: Path) -> bytes | None:
+    """The EXIF block to write into a `fmt` file, orientation 1; `None` to write none."""
+    try:
+        exif = _upright_exif(exif)
+        if fmt == "TIFF":  # its tags go into the TIFF's own directory: keep the descriptive ones
+            parsed = Image.Exif()
+            parsed.load(exif)
+            if any(tag in parsed for tag in _EXIF_IFD_TAGS):
+                # Pillow's compressed (libtiff) TIFF writer cannot write sub-directories.
+                logger.warning(
+                    f"{path}: the EXIF and GPS sub-directories (e.g. capture date, location) "
+                    "are not written to TIFF; only the main EXIF tags are"
+                )
+            return _descriptive_exif(parsed, sub_ifds=False)
+        if fmt == "JPEG" and len(exif) > _JPEG_MAX_EXIF_BYTES:
+            logger.warning(f"{path}: EXIF data of {len(exif)} bytes is too large for JPEG; dropped")
+            return None
+    except Exception as e:
+        logger.warning(f"{path}: not writing unreadable EXIF data ({e})")
+        return None
+    return exif
 
 
 def save_image(
@@ -885,6 +1237,7 @@ def save_image(
     alpha: torch.Tensor | np.ndarray | None = None,
     quality: int = 95,
     icc_profile: bytes | None = None,
+    like: LoadedImage | None = None,
 ) -> Path:
     """Write one image atomically; the format comes from the suffix of `path`.
 
@@ -893,30 +1246,49 @@ def save_image(
     format supports it (PNG, WebP, TIFF, BMP); JPEG has no alpha, so it is dropped with a logged
     warning. The file appears complete under `path` or not at all (see :func:`atomic_write`).
 
+    ``save_image(x, path, like=loaded)`` writes a result the way its input was stored: with
+    `loaded`'s bit depth, alpha (resized with :func:`resize_alpha` if `x` has another size),
+    ICC profile, grayscale (three channels become one, as luma with ITU-R BT.601 weights like
+    PIL's ``convert("L")``) and EXIF block (orientation 1, as pixels are upright). EXIF is
+    written into JPEG, PNG and WebP; into 8-bit TIFF only its main tags (make, model, date,
+    ...; not the Exif and GPS sub-directories, with a logged warning); not into BMP or 16-bit
+    TIFF (logged). The keyword arguments `bit_depth`, `alpha` and `icc_profile`
+    override `like`.
+
     Args:
         image (`torch.Tensor`, :class:`LoadedImage`, `PIL.Image.Image` or `np.ndarray`):
             One image. Tensors are (1, C, H, W) or (C, H, W) with C = 1 (written as grayscale),
             3 (RGB) or 4 (RGBA), float in [0, 1] (slight overshoot is clamped). A
-            :class:`LoadedImage` brings its alpha, bit depth and ICC profile along; arrays follow
-            :func:`load_image`'s rules.
+            :class:`LoadedImage` brings its own metadata along, as if passed as `like`; arrays
+            follow :func:`load_image`'s rules.
         path (`str` or `os.PathLike`):
             Output file; suffix .png, .jpg/.jpeg, .webp, .tif/.tiff or .bmp. Parent folders are
             created.
         bit_depth (`int`, *optional*):
-            8 or 16. By default the input's own depth for a :class:`LoadedImage`, a uint16 array
-            or a 16-bit PIL image, and 8 otherwise.
+            8 or 16. By default `like`'s depth, else the input's own depth for a
+            :class:`LoadedImage`, a uint16 array or a 16-bit PIL image, and 8 otherwise.
         alpha (`torch.Tensor` or `np.ndarray`, *optional*):
             (1, 1, H, W), (1, H, W) or (H, W) alpha in [0, 1] (or uint8/uint16) at the image's
-            size; use :func:`resize_alpha` first if the image was rescaled.
+            size; use :func:`resize_alpha` first if the image was rescaled. By default the
+            image's own alpha channel, else `like`'s alpha.
         quality (`int`, defaults to 95):
             JPEG/WebP quality, 1-100. At 90 and above JPEG keeps full chroma resolution (4:4:4);
             WebP at 100 is lossless.
         icc_profile (`bytes`, *optional*):
-            ICC profile to embed (defaults to a :class:`LoadedImage`'s own). Not embedded in
-            16-bit TIFF or in BMP.
+            ICC profile to embed (defaults to `like`'s, else the image's own). Not embedded in
+            BMP.
+        like (:class:`LoadedImage`, *optional*):
+            The loaded input whose storage to reproduce (see above).
 
     Returns:
         `pathlib.Path`: the written path.
+
+    Example:
+        ```py
+        loaded = load_image("in/photo.jpg")
+        result = pipe(loaded.tensor, output_type="pt").images
+        save_image(result, "out/photo.jpg", like=loaded)
+        ```
     """
     path = Path(path)
     fmt = _image_format_for(path)
@@ -924,13 +1296,28 @@ def save_image(
         raise ValueError(f"`quality` must be in 1..100, got {quality}")
     if bit_depth not in (None, 8, 16):
         raise ValueError(f"`bit_depth` must be 8 or 16, got {bit_depth!r}")
+    if like is not None and not isinstance(like, LoadedImage):
+        raise TypeError(
+            f"`like` must be a LoadedImage (from load_image), got {type(like).__name__}"
+        )
 
     x, own_alpha, own_depth, own_icc = _image_for_saving(image)
+    meta = like if like is not None else image if isinstance(image, LoadedImage) else None
     if alpha is not None and own_alpha is not None:
         raise ValueError("`alpha` was given but `image` already has an alpha channel")
-    a = own_alpha if alpha is None else _alpha_for_saving(alpha, x.shape[-2:])
-    depth = bit_depth if bit_depth is not None else own_depth
-    icc = icc_profile if icc_profile is not None else own_icc
+    if alpha is not None:
+        a = _alpha_for_saving(alpha, x.shape[-2:])
+    elif own_alpha is not None:
+        a = own_alpha
+    elif like is not None and like.alpha is not None:
+        a = resize_alpha(_as_nchw_float(like.alpha, "like.alpha"), tuple(x.shape[-2:]))
+    else:
+        a = None
+    depth = bit_depth if bit_depth is not None else meta.bit_depth if meta else own_depth
+    icc = icc_profile if icc_profile is not None else meta.icc_profile if meta else own_icc
+    if meta is not None and meta.grayscale and x.shape[1] == 3:
+        x = _luma(x)
+    exif = _exif_for_format(meta.exif, fmt, path) if meta is not None and meta.exif else None
 
     if depth == 16 and fmt not in _SIXTEEN_BIT_FORMATS:
         logger.warning(f"{path}: {fmt} holds 8 bits per channel only; writing 8-bit")
@@ -943,7 +1330,7 @@ def save_image(
     arr = _quantize(x, depth)[0]
 
     if depth == 16:
-        data = _encode_16bit(arr, fmt, icc, path)
+        data = _encode_16bit(arr, fmt, icc, exif, path)
         with atomic_write(path, "wb") as f:
             f.write(data)
         return path
@@ -953,6 +1340,8 @@ def save_image(
     params: dict[str, Any] = {}
     if icc and fmt != "BMP":
         params["icc_profile"] = icc
+    if exif and fmt != "BMP":
+        params["exif"] = exif
     if fmt == "JPEG":
         params.update(quality=int(quality), subsampling=0 if quality >= 90 else 2)
     elif fmt == "WEBP":

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import re
+import socket
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -14,13 +18,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from raim_diffusion import images
 from raim_diffusion.errors import InvalidImageError
-from raim_diffusion.files import atomic_write, find_images, output_paths
 from raim_diffusion.images import (
     LoadedImage,
+    check_unit_range,
     load_image,
     resize_alpha,
     save_image,
@@ -487,38 +491,8 @@ def test_max_pixels_limit(tmp_path: Path, photo: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes
+# Writing: failures and argument errors
 # --------------------------------------------------------------------------------------------
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
-    target = tmp_path / "out.bin"
-    with pytest.raises(RuntimeError, match="disk on fire"), atomic_write(target) as f:
-        f.write(b"half of the data")
-        f.flush()
-        raise RuntimeError("disk on fire")
-    assert list(tmp_path.iterdir()) == []
-    # an existing file is left exactly as it was
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_write(target) as f:
-        f.write(b"new but partial")
-        raise RuntimeError("boom")
-    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
-    with atomic_write(target) as f:
-        f.write(b"new")
-        assert target.read_bytes() == b"old"  # nothing visible under the name until the end
-    assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]
-
-
-def test_atomic_write_text_mode_and_permissions(tmp_path: Path) -> None:
-    with atomic_write(tmp_path / "deep" / "r.csv", "w", newline="") as f:
-        f.write("a,é\r\n")
-    assert (tmp_path / "deep" / "r.csv").read_bytes() == "a,é\r\n".encode()
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
-    assert os.stat(tmp_path / "deep" / "r.csv").st_mode == os.stat(plain).st_mode
-    with pytest.raises(ValueError, match="`mode`"), atomic_write(tmp_path / "x", "a"):
-        pass
 
 
 def test_save_image_failing_mid_write_leaves_no_partial_file(
@@ -609,78 +583,423 @@ def test_loaded_image_helpers(photo: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Finding files
+# save_image(..., like=loaded): the output stored the way the input was
 # --------------------------------------------------------------------------------------------
 
 
-def test_find_images(tmp_path: Path) -> None:
-    for rel in [
-        "b.png",
-        "a.JPG",
-        "notes.txt",
-        "sub/c.webp",
-        "sub/deeper/d.tiff",
-        "sub/e.bmp",
-        ".hidden.png",
-        "._a.jpg",
-        ".cache/x.png",
-        "sub/f.jpeg",
-        "sub/g.tif",
+def _icc(kind: str) -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile(kind)).tobytes()
+
+
+def test_like_keeps_the_icc_profile_of_a_jpeg(
+    tmp_path: Path, photo: np.ndarray, images_log
+) -> None:
+    xyz = _icc("XYZ")  # anything but sRGB: dropping it would change what the colours mean
+    src = tmp_path / "in.jpg"
+    Image.fromarray(photo).save(src, icc_profile=xyz, quality=95)
+    loaded = load_image(src)
+    assert loaded.icc_profile == xyz
+    result = loaded.tensor * 0.9
+    for name in ("o.jpg", "o.png", "o.webp", "o.tif"):
+        out = save_image(result, tmp_path / name, like=loaded)
+        assert Image.open(out).info.get("icc_profile") == xyz, name
+    # 16-bit outputs go through OpenCV, which cannot embed profiles itself
+    for name in ("o16.png", "o16.tif"):
+        out = save_image(result, tmp_path / name, like=loaded, bit_depth=16)
+        assert Image.open(out).info.get("icc_profile") == xyz, name
+        back = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+        assert back.dtype == np.uint16
+        assert np.array_equal(back[..., ::-1], _as16(result[0].permute(1, 2, 0).numpy()))
+        assert load_image(out).icc_profile == xyz
+    assert "not embedded" not in images_log.text
+    # an explicit profile overrides like's
+    srgb = _icc("sRGB")
+    out = save_image(result, tmp_path / "s.png", like=loaded, icc_profile=srgb)
+    assert Image.open(out).info.get("icc_profile") == srgb
+
+
+def test_like_writes_grayscale_as_luma_8bit(tmp_path: Path, photo: np.ndarray) -> None:
+    gray = photo[..., 1]
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    loaded = load_image(tmp_path / "g.png")
+    assert loaded.grayscale and loaded.tensor.shape[1] == 3
+    out = save_image(loaded.tensor, tmp_path / "same.png", like=loaded)
+    back = Image.open(out)
+    assert back.mode == "L" and np.array_equal(np.asarray(back), gray)
+    # a result that picked up colour is written as its luma, the way PIL's convert("L") would
+    tint = torch.tensor([1.0, 0.8, 0.5]).view(1, 3, 1, 1)
+    colour = loaded.tensor * tint
+    out = save_image(colour, tmp_path / "luma.png", like=loaded)
+    back = Image.open(out)
+    assert back.mode == "L"
+    rgb8 = _as8(colour[0].permute(1, 2, 0).numpy())
+    expected = np.asarray(Image.fromarray(rgb8).convert("L")).astype(int)
+    diff = np.abs(np.asarray(back).astype(int) - expected)
+    assert diff.max() <= 1 and diff.mean() < 0.5
+    # without like, three channels stay three
+    assert Image.open(save_image(colour, tmp_path / "rgb.png")).mode == "RGB"
+    # grayscale with alpha is written back as LA
+    Image.fromarray(np.dstack([gray, photo[..., 2]]), "LA").save(tmp_path / "la.png")
+    la = load_image(tmp_path / "la.png")
+    back = Image.open(save_image(la.tensor, tmp_path / "la_out.png", like=la))
+    assert back.mode == "LA" and np.array_equal(np.asarray(back), np.dstack([gray, photo[..., 2]]))
+
+
+def test_like_writes_grayscale_16bit(tmp_path: Path, photo16: np.ndarray) -> None:
+    gray = photo16[..., 0]
+    Image.fromarray(gray).save(tmp_path / "g16.png")
+    loaded = load_image(tmp_path / "g16.png")
+    assert loaded.grayscale and loaded.bit_depth == 16
+    out = save_image(loaded.tensor, tmp_path / "same.png", like=loaded)
+    back = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and back.shape == gray.shape and np.array_equal(back, gray)
+    colour = torch.from_numpy(photo16.astype(np.float32) / 65535).permute(2, 0, 1)[None]
+    out = save_image(colour, tmp_path / "luma.tif", like=loaded)
+    back = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and back.shape == gray.shape
+    r, g, b = (photo16[..., c].astype(np.float64) / 65535 for c in range(3))
+    expected = np.round((0.299 * r + 0.587 * g + 0.114 * b) * 65535)
+    assert np.abs(back.astype(np.float64) - expected).max() <= 1
+
+
+def _exif_jpeg(path: Path, photo: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "RaimCam"
+    exif[0x0110] = "X1"
+    exif.get_ifd(0x8769)[0x9003] = "2024:06:01 12:00:00"  # DateTimeOriginal
+    Image.fromarray(photo).save(path, exif=exif.tobytes(), quality=95)
+
+
+def test_like_keeps_exif_with_orientation_reset(
+    tmp_path: Path, photo: np.ndarray, images_log
+) -> None:
+    _exif_jpeg(tmp_path / "in.jpg", photo, orientation=6)
+    loaded = load_image(tmp_path / "in.jpg")
+    assert loaded.tensor.shape[-2:] == (64, 48)  # upright
+    exif = Image.Exif()
+    exif.load(loaded.exif)
+    assert exif.get(0x0112) == 1 and exif[0x010F] == "RaimCam" and exif[0x0110] == "X1"
+    result = loaded.tensor.flip(-1)
+    for name, kw in [
+        ("o.jpg", {}),
+        ("o.png", {}),
+        ("o.webp", {"quality": 100}),
+        ("o.tif", {}),
+        ("o16.png", {"bit_depth": 16}),
     ]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"x")
-    names = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
-    assert names == [
-        "a.JPG",
-        "b.png",
-        "sub/c.webp",
-        "sub/deeper/d.tiff",
-        "sub/e.bmp",
-        "sub/f.jpeg",
-        "sub/g.tif",
-    ]
-    assert [p.name for p in find_images(tmp_path, recursive=False)] == ["a.JPG", "b.png"]
-    assert [p.name for p in find_images([str(tmp_path / "sub" / "*.*")])] == [
-        "c.webp",
-        "e.bmp",
-        "f.jpeg",
-        "g.tif",
-    ]
-    assert len(find_images(str(tmp_path / "**" / "*.tif*"))) == 2
-    # a pattern matching folders searches them
-    assert [p.name for p in find_images(str(tmp_path / "su*"), recursive=False)] == [
-        "c.webp",
-        "e.bmp",
-        "f.jpeg",
-        "g.tif",
-    ]
-    # explicit files are kept whatever their suffix; duplicates appear once
-    got = find_images([tmp_path / "notes.txt", tmp_path / "b.png", tmp_path, tmp_path / "b.png"])
-    assert [p.relative_to(tmp_path).as_posix() for p in got] == [
-        "a.JPG",
-        "b.png",
-        "notes.txt",
-        "sub/c.webp",
-        "sub/deeper/d.tiff",
-        "sub/e.bmp",
-        "sub/f.jpeg",
-        "sub/g.tif",
-    ]
-    with pytest.raises(FileNotFoundError, match="nope.png: no such file or folder"):
-        find_images([tmp_path / "b.png", tmp_path / "nope.png"])
-    with pytest.raises(FileNotFoundError, match="matches no image"):
-        find_images(str(tmp_path / "*.gif"))
-    # a hidden folder named explicitly is searched (only hidden entries inside are skipped)
-    assert find_images(tmp_path / ".cache") == [tmp_path / ".cache" / "x.png"]
+        out = save_image(result, tmp_path / name, like=loaded, **kw)
+        written = Image.open(out).getexif()
+        assert written.get(0x0112, 1) == 1, name
+        assert (written.get(0x010F), written.get(0x0110)) == ("RaimCam", "X1"), name
+        if name != "o.tif":  # TIFF: main tags only (said in a warning)
+            assert written.get_ifd(0x8769).get(0x9003) == "2024:06:01 12:00:00", name
+        # read back upright as written: the orientation is not applied a second time
+        again = load_image(out)
+        assert again.tensor.shape[-2:] == (64, 48), name
+        if name != "o.jpg":  # lossless
+            assert (again.tensor - result).abs().max() <= 0.5 / 255 + 1e-6, name
+        reread = Image.Exif()
+        reread.load(again.exif)
+        assert reread.get(0x0112, 1) == 1 and reread[0x010F] == "RaimCam", name
+    # the JPEG's EXIF block travels byte for byte, apart from the orientation value
+    raw = Image.open(tmp_path / "in.jpg").info["exif"]
+    assert Image.open(tmp_path / "o.jpg").info["exif"] == loaded.exif
+    assert len(loaded.exif) == len(raw)
+    assert sum(a != b for a, b in zip(loaded.exif, raw, strict=True)) == 1
+    # what TIFF cannot carry is said, not silently dropped
+    assert "sub-directories (e.g. capture date, location) are not written" in images_log.text
+    save_image(result, tmp_path / "o16.tif", like=loaded, bit_depth=16)
+    assert "EXIF data is not embedded" in images_log.text
 
 
-def test_output_paths(tmp_path: Path) -> None:
-    inputs = [tmp_path / "in" / "a.jpg", tmp_path / "in" / "sub" / "a.jpg"]
-    outs = output_paths(inputs, tmp_path / "out", suffix="png")
-    assert outs == [tmp_path / "out" / "a.png", tmp_path / "out" / "sub" / "a.png"]
-    assert output_paths([tmp_path / "x.tif"], "o") == [Path("o") / "x.tif"]
-    with pytest.raises(ValueError, match="both be written"):
-        output_paths([tmp_path / "a.jpg", tmp_path / "a.png"], tmp_path, suffix=".png")
-    with pytest.raises(ValueError, match="`suffix`"):
-        output_paths(inputs, tmp_path, suffix=".gif")
-    assert output_paths([], tmp_path) == []
+def test_exif_too_large_for_jpeg_is_dropped_with_a_warning(tmp_path: Path, images_log) -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "RaimCam"
+    exif[0x010E] = "x" * 70000  # fits a PNG eXIf chunk, not a JPEG APP1 segment
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / "in.png", exif=exif.tobytes())
+    loaded = load_image(tmp_path / "in.png")
+    assert len(loaded.exif) > 70000
+    out = save_image(loaded, tmp_path / "out.jpg")
+    assert Image.open(out).size == (8, 6) and "exif" not in Image.open(out).info
+    assert "too large for JPEG" in images_log.text
+    assert Image.open(save_image(loaded, tmp_path / "out.png")).getexif()[0x010F] == "RaimCam"
+
+
+def test_exif_of_a_tiff_keeps_only_the_tags_about_the_photo(
+    tmp_path: Path, photo: np.ndarray
+) -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "RaimCam"
+    exif[0x0110] = "X1"
+    exif[0x0112] = 8
+    Image.fromarray(photo).save(tmp_path / "in.tif", exif=exif)
+    loaded = load_image(tmp_path / "in.tif")
+    assert loaded.tensor.shape[-2:] == (64, 48)
+    kept = Image.Exif()
+    kept.load(loaded.exif)
+    assert kept[0x010F] == "RaimCam" and kept[0x0110] == "X1" and kept.get(0x0112, 1) == 1
+    assert not {256, 257, 258, 273, 279} & set(kept)  # size, bits, strips: the old layout
+    # written into a smaller TIFF, the layout tags are the new file's own
+    small = torch.rand(1, 3, 10, 12, generator=torch.Generator().manual_seed(0))
+    out = save_image(small, tmp_path / "out.tif", like=loaded)
+    written = Image.open(out)
+    assert written.size == (12, 10) and written.getexif()[0x010F] == "RaimCam"
+    assert np.array_equal(np.asarray(written), _as8(small[0].permute(1, 2, 0).numpy()))
+
+
+def test_like_keeps_alpha_and_resizes_it(tmp_path: Path, photo: np.ndarray) -> None:
+    alpha = np.tile(np.linspace(0, 255, photo.shape[1]).astype(np.uint8), (photo.shape[0], 1))
+    alpha[10:20, 10:20] = 0  # hard edges
+    Image.fromarray(np.dstack([photo, alpha]), "RGBA").save(tmp_path / "a.png")
+    loaded = load_image(tmp_path / "a.png")
+    out = save_image(loaded.tensor, tmp_path / "same.png", like=loaded)
+    back = np.asarray(Image.open(out))
+    assert back.shape == (48, 64, 4) and np.array_equal(back[..., 3], alpha)
+    # a x2 result: like's alpha is brought to the result's size (bicubic, clamped)
+    big = torch.nn.functional.interpolate(loaded.tensor, size=(96, 128), mode="nearest")
+    out = save_image(big, tmp_path / "x2.png", like=loaded)
+    back = np.asarray(Image.open(out))
+    assert back.shape == (96, 128, 4)
+    a = torch.from_numpy(alpha.astype(np.float32) / 255)[None, None]
+    ref = torch.nn.functional.interpolate(a, size=(96, 128), mode="bicubic", align_corners=False)
+    assert np.abs(back[..., 3].astype(int) - _as8(ref.clamp(0, 1)[0, 0].numpy())).max() <= 1
+    # explicit arguments override like
+    out = save_image(big, tmp_path / "o.png", like=loaded, alpha=torch.ones(1, 1, 96, 128))
+    assert np.asarray(Image.open(out))[..., 3].min() == 255
+    out = save_image(loaded.tensor, tmp_path / "o16.png", like=loaded, bit_depth=16)
+    assert cv2.imread(str(out), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    with pytest.raises(TypeError, match="`like`"):
+        save_image(loaded.tensor, tmp_path / "x.png", like=loaded.tensor)
+
+
+def test_like_keeps_16bit(tmp_path: Path, photo16: np.ndarray) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), photo16[..., ::-1])
+    loaded = load_image(tmp_path / "a.png")
+    out = save_image(loaded.tensor, tmp_path / "b.png", like=loaded)
+    back = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and np.array_equal(back[..., ::-1], photo16)
+    out = save_image(loaded.tensor, tmp_path / "b8.png", like=loaded, bit_depth=8)
+    assert cv2.imread(str(out), cv2.IMREAD_UNCHANGED).dtype == np.uint8
+
+
+# --------------------------------------------------------------------------------------------
+# check_unit_range: the one value check, one pass and one host transfer
+# --------------------------------------------------------------------------------------------
+
+_HOST_TRANSFERS = {
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+}
+
+
+class _CallLog(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def transfers(self) -> list[str]:
+        return [n for n in self.names if n in _HOST_TRANSFERS]
+
+
+def test_check_unit_range_accepts_clamps_and_refuses() -> None:
+    assert images.RANGE_TOLERANCE == 0.05
+    x = torch.linspace(-0.04, 1.04, 60).reshape(1, 3, 4, 5)
+    before = x.clone()
+    y = check_unit_range(x, "image")
+    assert torch.equal(y, before.clamp(0, 1)) and torch.equal(x, before)  # input untouched
+    inside = torch.rand(2, 3, 4, 4)
+    out = check_unit_range(inside, "image")
+    assert torch.equal(out, inside) and out is not inside  # a new tensor, safe to modify
+    assert check_unit_range(inside.to(torch.bfloat16), "image").dtype == torch.bfloat16
+    tol = images.RANGE_TOLERANCE
+    check_unit_range(torch.tensor([-0.9 * tol, 1 + 0.9 * tol]), "image")
+    cases = [
+        (torch.tensor([0.5, float("nan")]), r"`image` contains NaN or infinite"),
+        (torch.tensor([0.5, float("inf")]), r"`image` contains NaN or infinite"),
+        (torch.tensor([-float("inf"), 0.5]), r"`image` contains NaN or infinite"),
+        (torch.tensor([0.0, 1 + 1.1 * tol]), r"`image`: float values span \[0, 1.0\d*\]"),
+        (torch.tensor([-1.1 * tol, 1.0]), r"must lie in \[0, 1\]"),
+        (torch.tensor([0.0, 200.0]), r"looks like \[0, 255\]"),
+        (torch.tensor([-0.8, 0.9]), r"looks like \[-1, 1\]"),
+        (torch.tensor([0.0, 1e6]), r"rescale it"),
+        (torch.zeros(0), r"`image` has zero size"),
+    ]
+    for value, pattern in cases:
+        with pytest.raises(InvalidImageError, match=pattern):
+            check_unit_range(value, "image")
+    with pytest.raises(TypeError, match="`image` must be a floating-point tensor"):
+        check_unit_range(torch.zeros(3, dtype=torch.uint8), "image")
+
+
+def test_check_unit_range_syncs_once() -> None:
+    x = torch.rand(1, 3, 16, 16)
+    x[0, 0, 0, 0] = float("nan")
+    for value in (torch.rand(1, 3, 16, 16), x):
+        with _CallLog() as log, contextlib.suppress(InvalidImageError):
+            check_unit_range(value, "image")
+        assert log.transfers == ["tolist"], log.names
+        assert "isfinite" not in log.names
+    # the tensor path of to_tensor / load_image checks values once, with the same rule
+    with _CallLog() as log:
+        to_tensor(torch.rand(3, 16, 16))
+    assert log.transfers == ["tolist"], log.names
+    with _CallLog() as log:
+        load_image(torch.rand(4, 16, 16))
+    assert log.transfers == ["tolist"], log.names
+
+
+# --------------------------------------------------------------------------------------------
+# Reading regular files only, with a size bound
+# --------------------------------------------------------------------------------------------
+
+
+def test_file_size_limit_is_checked_before_reading(tmp_path: Path, photo: np.ndarray) -> None:
+    src = tmp_path / "p.png"
+    Image.fromarray(photo).save(src)
+    size = src.stat().st_size
+    with pytest.raises(InvalidImageError, match=rf"p\.png: file is {size} bytes.*max_bytes"):
+        load_image(src, max_bytes=size - 1)
+    assert load_image(src, max_bytes=size).width == 64
+    assert load_image(src, max_bytes=None).width == 64
+    # a 2 GiB sparse file is refused at once by the default limit, not read into memory
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(2**31)
+    start = time.perf_counter()
+    with pytest.raises(InvalidImageError, match=rf"huge\.png: .*limit of {2**30}"):
+        load_image(huge)
+    assert time.perf_counter() - start < 1.0
+    assert images.DEFAULT_MAX_FILE_BYTES == 2**30
+    # file objects are bounded the same way
+    with pytest.raises(InvalidImageError, match="more than the limit of 100"):
+        load_image(io.BytesIO(src.read_bytes()), max_bytes=100)
+    with pytest.raises(ValueError, match="`max_bytes`"):
+        load_image(src, max_bytes=-1)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_special_files_are_refused_without_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    done: dict = {}
+
+    def read() -> None:
+        try:
+            load_image(fifo)
+        except InvalidImageError as e:
+            done["error"] = str(e)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "reading a FIFO hung"
+    assert done["error"] == f"{fifo}: is a FIFO (named pipe), not an image file"
+    if os.path.exists("/dev/zero"):
+        link = tmp_path / "zero.png"
+        link.symlink_to("/dev/zero")
+        with pytest.raises(InvalidImageError, match=r"zero\.png: is a character device"):
+            load_image(link)
+    sock_path = tmp_path / "s.png"
+    if hasattr(socket, "AF_UNIX") and len(str(sock_path)) < 100:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(sock_path))
+            with pytest.raises(InvalidImageError, match=r"s\.png: is a socket"):
+                load_image(sock_path)
+
+
+# --------------------------------------------------------------------------------------------
+# The pixel limit is checked from the header, before any decoder runs
+# --------------------------------------------------------------------------------------------
+
+
+def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(cv2, "imdecode", refuse)
+
+
+def _float_rgb_tiff_header(width: int, height: int, order: str) -> bytes:
+    """A classic TIFF directory declaring float32 RGB pixels (the data itself is absent)."""
+    tags = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 32),
+        (259, 3, 1, 8),  # deflate
+        (262, 3, 1, 2),  # RGB
+        (273, 4, 1, 8),
+        (277, 3, 1, 3),
+        (278, 4, 1, height),
+        (279, 4, 1, 1000),
+        (339, 3, 1, 3),  # float samples
+    ]
+    ifd = struct.pack(order + "H", len(tags))
+    for tag, kind, count, value in tags:
+        field = struct.pack(order + ("H2x" if kind == 3 else "I"), value)
+        ifd += struct.pack(order + "HHI", tag, kind, count) + field
+    magic = b"II*\x00" if order == "<" else b"MM\x00*"
+    return magic + struct.pack(order + "I", 8) + ifd + b"\x00" * 4
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow probing a BigTIFF
+def test_pixel_limit_before_decoding_float_tiff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rgb = np.random.default_rng(0).random((30, 40, 3), dtype=np.float32)
+    cv2.imwrite(str(tmp_path / "f.tif"), rgb[..., ::-1])
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(tmp_path / "f.tif")  # so OpenCV is the decoder that would be used
+    assert np.array_equal(_hwc(load_image(tmp_path / "f.tif")), rgb)
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(
+        tmp_path / "big.tif", rgb, photometric="rgb", bigtiff=True, byteorder=">",
+        compression="zlib",
+    )  # fmt: skip
+    for order in "<>":
+        header = _float_rgb_tiff_header(12000, 12000, order)
+        (tmp_path / f"huge{order == '>'}.tif").write_bytes(header)
+    _no_decoding(monkeypatch)
+    for name in ("f.tif", "big.tif"):
+        with pytest.raises(InvalidImageError, match=r"image is 40x30 = 1200 pixels.*1000"):
+            load_image(tmp_path / name, max_pixels=1000)
+    for name in ("hugeFalse.tif", "hugeTrue.tif"):
+        with pytest.raises(InvalidImageError, match=r"12000x12000 = 144000000 pixels"):
+            load_image(tmp_path / name)
+    (tmp_path / "cut.tif").write_bytes(_float_rgb_tiff_header(12000, 12000, "<")[:20])
+    with pytest.raises(InvalidImageError, match=r"cut\.tif"):
+        load_image(tmp_path / "cut.tif")
+
+
+def test_pixel_limit_before_decoding_16bit_png(
+    tmp_path: Path, photo16: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), photo16[..., ::-1])
+    _no_decoding(monkeypatch)
+    with pytest.raises(InvalidImageError, match=r"image is 24x20 = 480 pixels"):
+        load_image(tmp_path / "a.png", max_pixels=479)
+
+
+def test_float_tiff_via_opencv_keeps_orientation_and_icc(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    rgb = np.random.default_rng(1).random((6, 9, 3), dtype=np.float32)
+    icc = _icc("sRGB")
+    for orientation in (3, 6, 8):
+        tifffile.imwrite(
+            tmp_path / "r.tif", rgb, photometric="rgb", iccprofile=icc,
+            extratags=[(274, "H", 1, orientation)],
+        )  # fmt: skip
+        loaded = load_image(tmp_path / "r.tif")
+        assert np.array_equal(_hwc(loaded), _upright16(rgb, orientation)), orientation
+        assert loaded.icc_profile == icc and loaded.bit_depth == 16
