@@ -69,7 +69,7 @@ def test_prior_only_restores_keeps_names_depth_alpha_and_survives_a_corrupt_file
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert len(failures) == 1 and failures[0]["source"].endswith("broken.png")
     assert "broken.png" in failures[0]["error"]
-    record = json.loads((out / "raim_run.json").read_text())
+    (record,) = [json.loads(line) for line in (out / "raim_runs.jsonl").read_text().splitlines()]
     assert record["config"]["stages"] == ["prior"] and record["images"] == 4
 
     # Resume: only the deleted output is made again, the others are left untouched.
@@ -126,9 +126,10 @@ def test_tiny_pipeline_restore_and_same_output_on_rerun(folder, tmp_path):
     assert main([*args, "-o", str(out2)]) == 0
     a1, a2 = load_image(out1 / "a.jpg").tensor, load_image(out2 / "a.jpg").tensor
     assert a1.shape[-2:] == (64, 80) and torch.equal(a1, a2)
-    for name in ("prior", "generated", "mask"):
-        assert (out1 / "intermediates" / name / "a.png").exists()
-    record = json.loads((out1 / "raim_run.json").read_text())
+    for name in ("prior", "generated", "mask", "overlay"):
+        path = out1 / ".raim-intermediates" / name / "a.jpg.png"
+        assert load_image(path).tensor.shape[-2:] == (64, 80), name
+    (record,) = [json.loads(line) for line in (out1 / "raim_runs.jsonl").read_text().splitlines()]
     assert record["call"]["num_inference_steps"] == 2 and record["versions"]["torch"]
 
 
@@ -159,7 +160,7 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
     assert "someone/not-downloaded-model" in err and "download" in err
     if not torch.cuda.is_available():
         assert main(["restore", str(folder), "-o", str(tmp_path / "o"), "--device", "cuda"]) == 2
-        assert "no CUDA" in capsys.readouterr().err
+        assert "no cuda device" in capsys.readouterr().err.lower()
     # Likewise a segmentation model: the job stops before the first image.
     from raim_diffusion.runner.restorer import resolve_model
 
@@ -237,3 +238,77 @@ def test_default_restore_matches_the_ncnn_runtime(tmp_path):
     assert ours.shape == ref.shape == (160, 192, 3)
     diff = np.abs(ours - ref)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.001
+
+
+def test_help_lists_verbose_and_says_where_things_go(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--verbose" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["restore", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("--verbose", "--upscale", "symlinks to folders are not followed",
+                  ".raim-intermediates", "must not be an input folder, lie inside one"):
+        assert words in text, words
+
+
+def test_usage_errors_of_the_parser_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["restore", "in", "-o", "out", "--no-such-flag"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--no-such-flag" in err
+
+
+def _chatty_command(seen: dict):
+    """A command that does what diffusers and transformers do while loading models."""
+    import warnings
+
+    def run(args):
+        from diffusers.utils import logging as dlog
+        from huggingface_hub import utils as hub
+        from transformers.utils import logging as tlog
+
+        seen.update(diffusers=dlog.get_verbosity(), transformers=tlog.get_verbosity(),
+                    bars=dlog.is_progress_bar_enabled() or tlog.is_progress_bar_enabled(),
+                    hub_bars=not hub.are_progress_bars_disabled())
+        dlog.get_logger("diffusers.pipelines").warning("diffusers-chatter")
+        tlog.get_logger("transformers.modeling_utils").warning("transformers-chatter")
+        for _ in dlog.tqdm(range(2), desc="Loading pipeline components"):
+            pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn_explicit("third-party-warning", UserWarning, "x.py", 1,
+                                   module="somepackage.module")
+            warnings.warn_explicit("our-warning", UserWarning, "y.py", 1,
+                                   module="raim_diffusion.images")
+        seen["warnings"] = [str(w.message) for w in caught]
+        return 0
+
+    return run
+
+
+@pytest.mark.parametrize("verbose", [[], ["--verbose"], ["--verbose", "top-level"]])
+def test_third_party_noise_is_hidden_unless_verbose(verbose, capfd, monkeypatch, tmp_path):
+    from diffusers.utils import logging as dlog
+
+    from raim_diffusion.runner.commands import mask as mask_cmd
+
+    seen: dict = {}
+    monkeypatch.setattr(mask_cmd, "run", _chatty_command(seen))
+    before = (dlog.get_verbosity(), dlog.is_progress_bar_enabled())
+    args = ["mask", "--generated", "g", "--reference", "r", "-o", str(tmp_path)]
+    if verbose == ["--verbose", "top-level"]:
+        argv = ["--verbose", *args]
+    else:
+        argv = [*args, *verbose]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert (dlog.get_verbosity(), dlog.is_progress_bar_enabled()) == before  # restored
+    if verbose:
+        assert seen["diffusers"] < 40 and seen["bars"] and "third-party-warning" in seen["warnings"]
+        return
+    assert seen["diffusers"] == seen["transformers"] == 40  # logging.ERROR
+    assert not seen["bars"] and not seen["hub_bars"]
+    assert seen["warnings"] == ["our-warning"]
+    for noise in ("diffusers-chatter", "transformers-chatter", "Loading pipeline components"):
+        assert noise not in err
