@@ -14,6 +14,7 @@ included) that ``RaimPipeline.from_pretrained`` reloads.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .artifacts import ArtifactDetector, ArtifactResult
+from .artifacts import ArtifactDetector, ArtifactResult, build_detector
 from .artifacts.segmentation import TransformersSegmenter
+from .diffusion.color import COLOR_FIXES
 from .diffusion.color import color_fix as apply_color_fix
 from .diffusion.guidance import check_consistency_args, consistency_weights
 from .diffusion.loop import (
@@ -43,10 +45,11 @@ from .diffusion.loop import (
 )
 from .diffusion.vae import auto_vae_tile, decode_latents, encode_latents
 from .errors import MissingWeightsError
-from .fusion import FusionNet, fuse
+from .fusion import fuse, fusion_architecture
 from .images import to_numpy, to_pil, to_tensor
-from .ops import crop, pad_to_multiple, resize
+from .ops import crop, pad_to_multiple, resize, scaled_size
 from .prior import PriorModel, load_prior
+from .stages import STAGES, check_stages
 
 logger = logging.get_logger(__name__)
 
@@ -73,9 +76,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 # diffusers renamed ``torch_dtype`` to ``dtype`` (and deprecated the old name); use whichever
 # the installed version understands.
 _DTYPE_KWARG = "dtype" if hasattr(_pipeline_utils, "_resolve_dtype") else "torch_dtype"
-STAGES = ("prior", "generate", "detect", "fuse")
-OUTPUT_TYPES = ("pil", "np", "pt")
-COLOR_FIXES = ("wavelet", "adain", "none")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -94,6 +95,9 @@ class RaimPipelineOutput(BaseOutput):
         artifacts (`ArtifactResult`, *optional*): the detector's full result (score maps, labels,
             regions with boxes, areas and classes); `None` when no detector ran. Not part of
             the tuple returned with ``return_dict=False``.
+        methods (`dict[str, str]`): what each stage that ran actually used, e.g.
+            ``{"prior": "PriorModel", "segmentation": "none", "fusion": "pyramid-blend"}``, so
+            that a fallback is never silent. Not part of the tuple.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -101,10 +105,14 @@ class RaimPipelineOutput(BaseOutput):
     generated_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     artifacts: ArtifactResult | None = None
+    methods: dict[str, str] | None = None
 
 
 def missing_weights_error(model: str | os.PathLike, error: BaseException) -> MissingWeightsError:
     """A `MissingWeightsError` that says which model was missing and how to provide it.
+
+    Every model the package loads (pipelines, ControlNets, segmenters, priors) reports a missing
+    model in this one format.
 
     Args:
         model (`str` or `os.PathLike`): the hub id or folder that failed to load.
@@ -116,15 +124,21 @@ def missing_weights_error(model: str | os.PathLike, error: BaseException) -> Mis
     name = str(model)
     if Path(name).exists():
         return MissingWeightsError(
-            f"model {name!r}: the local folder is incomplete ({error}). Check that it holds a "
-            "diffusers pipeline (model_index.json and one folder per component with its weights)."
+            f"model {name}: the local folder is incomplete ({type(error).__name__}: "
+            f"{_first_line(error)}); it must hold a diffusers pipeline: model_index.json and "
+            "one folder per component with its config and weights"
         )
     return MissingWeightsError(
-        f"model {name!r} was not found in the local Hugging Face cache and the Hub could not "
-        f"provide it ({type(error).__name__}: {error}). Download it on a machine with internet "
-        f"access with `huggingface-cli download {name}` and copy the cache (or set HF_HOME), or "
-        "pass the path of a local folder instead."
+        f"model {name} is not in the local Hugging Face cache and could not be downloaded "
+        f"({type(error).__name__}: {_first_line(error)}); download it with `hf download {name}` "
+        "(on a machine with internet access; copy the cache or set HF_HOME), or pass the path "
+        "of a local folder"
     )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else ""
 
 
 def _is_missing_weights(error: BaseException, model: str | os.PathLike) -> bool:
@@ -135,6 +149,40 @@ def _is_missing_weights(error: BaseException, model: str | os.PathLike) -> bool:
     if isinstance(error, (OSError, ConnectionError)):
         return not Path(str(model)).is_dir()
     return False
+
+
+def _load_cached_first(load: Callable[..., Any], model: str | os.PathLike, **kwargs: Any) -> Any:
+    """``load(model, **kwargs)``, trying the local cache before the hub.
+
+    A hub id that is already cached loads without any network call, and an offline machine
+    fails fast on a missing model instead of after the hub client's retries. Missing weights
+    raise `MissingWeightsError` in the one format of `missing_weights_error`.
+    """
+    attempts = [kwargs]
+    if not Path(str(model)).is_dir() and not kwargs.get("local_files_only"):
+        attempts = [{**kwargs, "local_files_only": True}, kwargs]
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            attempts = attempts[:1]
+    for n, attempt in enumerate(attempts, 1):
+        try:
+            return load(model, **attempt)
+        except (OSError, ConnectionError, ValueError) as err:
+            missing = _is_missing_weights(err, model) or (
+                isinstance(err, ValueError) and "local_files_only" in attempt
+                and not Path(str(model)).is_dir()
+            )
+            if not missing:
+                raise
+            if n == len(attempts):
+                raise missing_weights_error(model, err) from err
+    raise AssertionError("unreachable")
+
+
+def _repeat_batch(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """One embedding for every image of the batch."""
+    if t is None or t.shape[0] == n:
+        return t
+    return t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t
 
 
 def _as_list(value: str | Sequence[str] | None, n: int, name: str, default: str) -> list[str]:
@@ -153,18 +201,30 @@ def _as_list(value: str | Sequence[str] | None, n: int, name: str, default: str)
 class RaimPipeline(DiffusionPipeline):
     r"""Restore real-world photos: prior → consistency-guided SD/SDXL img2img → detect → fuse.
 
+    Every component is optional so that a pipeline can hold only what its stages need:
+    ``RaimPipeline(prior=load_prior("realesrgan-x4plus"))`` runs stage 1 alone (``stages=
+    ("prior",)``); ``generate`` needs the VAE, UNet, scheduler and a text encoder.
+
     Args:
-        vae (`AutoencoderKL`): the SD/SDXL autoencoder.
-        text_encoder (`CLIPTextModel`): SD's text encoder (SDXL's first one).
-        tokenizer (`CLIPTokenizer`): its tokenizer.
-        unet (`UNet2DConditionModel`): the denoiser.
-        scheduler (`KarrasDiffusionSchedulers`): any diffusers scheduler, ε or v prediction.
-        prior (`PriorModel`, *optional*): stage-1 restorer; without it stage 1 is a bicubic resize.
+        vae (`AutoencoderKL`, *optional*): the SD/SDXL autoencoder.
+        text_encoder (`CLIPTextModel`, *optional*): SD's text encoder (SDXL's first one).
+        tokenizer (`CLIPTokenizer`, *optional*): its tokenizer.
+        unet (`UNet2DConditionModel`, *optional*): the denoiser.
+        scheduler (`KarrasDiffusionSchedulers`, *optional*): any diffusers scheduler, ε or v
+            prediction.
+        prior (`PriorModel`, *optional*): stage-1 restorer; without it stage 1 is a bicubic
+            resize (recorded in ``output.methods``).
         text_encoder_2 (`CLIPTextModelWithProjection`, *optional*): SDXL's second text encoder.
         tokenizer_2 (`CLIPTokenizer`, *optional*): its tokenizer.
         controlnet (`ControlNetModel`, *optional*): a tile ControlNet, fed the prior's output.
-        segmenter (*optional*): stage-3 semantic segmentation (hook, wired by the artifacts stage).
-        fusion (*optional*): stage-4 fusion network (hook, wired by the fusion stage).
+        segmenter (*optional*): stage-3 semantic segmentation (a transformers SegFormer /
+            Mask2Former model or a backend from `raim_diffusion.artifacts.segmentation`);
+            without it the detector uses uniform class weights, with a warning, and
+            ``output.methods["segmentation"]`` says ``"none"``.
+        fusion (*optional*): stage-4 fusion network, any registered architecture
+            (`raim_diffusion.fusion.FUSION_ARCHITECTURES`, a `torch.compile` wrapper is fine);
+            without it the prior is blended in with a Laplacian pyramid
+            (``output.methods["fusion"] == "pyramid-blend"``).
         default_prompt (`str`, *optional*): prompt used when none is given.
         default_negative_prompt (`str`, *optional*): negative prompt used when none is given.
     """
@@ -174,6 +234,9 @@ class RaimPipeline(DiffusionPipeline):
         "prior->text_encoder->text_encoder_2->controlnet->unet->vae->segmenter->fusion"
     )
     _optional_components = [
+        "vae",
+        "unet",
+        "scheduler",
         "prior",
         "text_encoder",
         "tokenizer",
@@ -187,11 +250,11 @@ class RaimPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel | None,
-        tokenizer: CLIPTokenizer | None,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
+        vae: AutoencoderKL | None = None,
+        text_encoder: CLIPTextModel | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        unet: UNet2DConditionModel | None = None,
+        scheduler: KarrasDiffusionSchedulers | None = None,
         prior: PriorModel | None = None,
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
@@ -202,8 +265,6 @@ class RaimPipeline(DiffusionPipeline):
         default_negative_prompt: str | None = None,
     ) -> None:
         super().__init__()
-        if text_encoder is None and text_encoder_2 is None:
-            raise ValueError("RaimPipeline needs text_encoder, text_encoder_2 or both")
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -224,7 +285,9 @@ class RaimPipeline(DiffusionPipeline):
                 else default_negative_prompt
             ),
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = (
+            2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -267,24 +330,21 @@ class RaimPipeline(DiffusionPipeline):
         if controlnet is not None and not isinstance(controlnet, ControlNetModel):
             hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision")
                    if k in kwargs}  # fmt: skip
-            try:
-                if isinstance(dtype, torch.dtype):
-                    hub[_DTYPE_KWARG] = dtype
-                controlnet = ControlNetModel.from_pretrained(controlnet, **hub)
-            except (OSError, ConnectionError) as err:
-                if _is_missing_weights(err, controlnet):
-                    raise missing_weights_error(controlnet, err) from err
-                raise
+            if isinstance(dtype, torch.dtype):
+                hub[_DTYPE_KWARG] = dtype
+            controlnet = _load_cached_first(ControlNetModel.from_pretrained, controlnet, **hub)
         if prior is not None:
             kwargs["prior"] = prior
         if controlnet is not None:
             kwargs["controlnet"] = controlnet
-        try:
-            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except (OSError, ConnectionError) as err:
-            if _is_missing_weights(err, pretrained_model_name_or_path):
-                raise missing_weights_error(pretrained_model_name_or_path, err) from err
-            raise
+        pipe = _load_cached_first(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
+        missing = [name for name in ("vae", "unet", "scheduler") if getattr(pipe, name) is None]
+        if missing or (pipe.text_encoder is None and pipe.text_encoder_2 is None):
+            raise MissingWeightsError(
+                f"model {pretrained_model_name_or_path}: the folder has no "
+                f"{', '.join(missing) or 'text encoder'}; it must hold a Stable Diffusion / SDXL "
+                "diffusers pipeline (model_index.json and one folder per component)"
+            )
         if pipe.prior is None:
             logger.warning(
                 "RaimPipeline has no prior: stage 1 falls back to a bicubic resize. Pass "
@@ -297,12 +357,27 @@ class RaimPipeline(DiffusionPipeline):
     @property
     def is_sdxl(self) -> bool:
         """Whether the denoiser is SDXL-like (two text encoders, size micro-conditioning)."""
-        return self.unet.config.get("addition_embed_type") == "text_time"
+        return self.unet is not None and (
+            self.unet.config.get("addition_embed_type") == "text_time"
+        )
 
     @property
     def pad_multiple(self) -> int:
         """Image sides must be multiples of this (VAE factor times UNet downsampling)."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _check_components(self, stages: Sequence[str]) -> None:
+        if "generate" not in stages:
+            return
+        missing = [name for name in ("vae", "unet", "scheduler") if getattr(self, name) is None]
+        if self.text_encoder is None and self.text_encoder_2 is None:
+            missing.append("text_encoder")
+        if missing:
+            raise ValueError(
+                f"stage 'generate' needs the components {missing}, which this pipeline lacks; "
+                "load one with RaimPipeline.from_pretrained(<SD/SDXL model>) or run "
+                "stages=('prior',)"
+            )
 
     @property
     def guidance_scale(self) -> float:
@@ -328,21 +403,9 @@ class RaimPipeline(DiffusionPipeline):
         ).input_ids
         return ids.to(device)
 
-    def encode_prompt(
+    def _encode_text(
         self, prompt: list[str], device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings (and SDXL's pooled embeddings) of a list of prompts.
-
-        SD uses the text encoder's last hidden state; SDXL concatenates the penultimate hidden
-        states of both encoders and pools with the second, as in diffusers' SDXL pipelines.
-
-        Args:
-            prompt (`list[str]`): the prompts.
-            device: where the text encoders run.
-
-        Returns:
-            `tuple`: ``(embeds (N, 77, D), pooled (N, P) or None)``.
-        """
         if not self.is_sdxl:
             ids = self._tokenize(self.tokenizer, prompt, device)
             return self.text_encoder(ids)[0], None
@@ -356,6 +419,70 @@ class RaimPipeline(DiffusionPipeline):
                 pooled = out[0]
             embeds.append(out.hidden_states[-2])
         return torch.cat(embeds, dim=-1), pooled
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | str | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Text embeddings, as diffusers' SDXL pipelines' ``encode_prompt`` returns them.
+
+        SD uses the text encoder's last hidden state; SDXL concatenates the penultimate hidden
+        states of both encoders and pools with the second. Embeddings given are used as they
+        are (repeated per image); a missing prompt or negative prompt is the pipeline's
+        ``config.default_prompt`` / ``config.default_negative_prompt``.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): prompts, one per image.
+            device (*optional*): where the text encoders run; the execution device by default.
+            num_images_per_prompt (`int`, defaults to 1): repeat each embedding this often.
+            do_classifier_free_guidance (`bool`, defaults to `True`): also encode the negatives.
+            negative_prompt (`str` or `list[str]`, *optional*): negative prompts.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): precomputed
+                ``(N, 77, D)`` embeddings.
+            pooled_prompt_embeds, negative_pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                SDXL's precomputed pooled embeddings.
+
+        Returns:
+            `tuple`: ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds)``; the negatives are `None` without classifier-free
+            guidance and the pooled ones are `None` for SD 1.x/2.x.
+        """
+        device = device or self._execution_device
+        if prompt_embeds is None:
+            texts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+            texts = texts or [self.config.default_prompt]
+            prompt_embeds, pooled_prompt_embeds = self._encode_text(texts, device)
+        n = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negatives = _as_list(negative_prompt, n, "negative_prompt",
+                                 self.config.default_negative_prompt)
+            negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_text(
+                negatives, device
+            )
+        if self.is_sdxl and pooled_prompt_embeds is None:
+            raise ValueError("SDXL needs pooled_prompt_embeds together with prompt_embeds")
+        if (self.is_sdxl and do_classifier_free_guidance
+                and negative_pooled_prompt_embeds is None):
+            raise ValueError("SDXL needs negative_pooled_prompt_embeds together with "
+                             "negative_prompt_embeds")
+
+        def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or num_images_per_prompt == 1:
+                return t
+            return t.repeat_interleave(num_images_per_prompt, dim=0)
+
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = negative_pooled_prompt_embeds = None
+        return (repeat(prompt_embeds), repeat(negative_prompt_embeds),
+                repeat(pooled_prompt_embeds), repeat(negative_pooled_prompt_embeds))
 
     def _sdxl_time_ids(self, size: tuple[int, int], negative: bool) -> list[float]:
         proj = (
@@ -372,37 +499,53 @@ class RaimPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ stage hooks
 
-    def run_prior(self, x_lq: torch.Tensor, upscale: float) -> torch.Tensor:
-        """Stage 1: the prior's restoration of ``x_lq`` at ``upscale`` times its size."""
+    def run_prior(
+        self, x_lq: torch.Tensor, upscale: float, input_blend: float = 0.0
+    ) -> torch.Tensor:
+        """Stage 1: the prior's restoration of ``x_lq`` at ``upscale`` times its size.
+
+        With ``input_blend = a > 0`` the result is ``(1 - a)·prior + a·resize(x_lq)`` (MiAlgo's
+        fixed per-pixel blend of the input back into the restoration). Without a prior the
+        stage is a bicubic resize (`raim_diffusion.ops.resize`).
+        """
+        size = scaled_size(tuple(x_lq.shape[-2:]), upscale)
+        up = resize(x_lq, size) if (self.prior is None or input_blend > 0) else None
         if self.prior is None:
-            h, w = x_lq.shape[-2:]
-            return resize(x_lq, (round(h * upscale), round(w * upscale)))
+            return up
         # x_lq is on the execution device, where .to() or the offload hooks put the prior too.
-        out = self.prior(x_lq, outscale=upscale)
-        return out.float().to(x_lq.device).clamp(0, 1)
+        # Its range was checked once at the top of __call__.
+        out = self.prior(x_lq, outscale=upscale, check_range=False)
+        out = out.float().to(x_lq.device).clamp_(0, 1)
+        if input_blend > 0:
+            out = torch.lerp(out, up, input_blend)
+        return out
 
     def make_detector(self, detector: ArtifactDetector | str | None = None, **overrides: Any):
         """The stage-3 detector: ``detector`` as given, or a parameter set by name (default
-        ``"desra-default"``) using the pipeline's ``segmenter`` (uniform class weights without
-        one; the result says so), with field overrides such as ``contrast_threshold``."""
-        if isinstance(detector, ArtifactDetector) and not overrides:
-            return detector
+        ``"desra-default"``) using the pipeline's ``segmenter``, with field overrides such as
+        ``contrast_threshold``. Without a segmenter the class weights are uniform: that is
+        logged, and the result records ``segmentation == "none"``."""
         if isinstance(detector, ArtifactDetector):
-            return detector.replace(**overrides)
+            return detector.replace(**overrides) if overrides else detector
         segmenter = self.segmenter
         if isinstance(segmenter, torch.nn.Module):
             # A transformers SegFormer/Mask2Former registered as a component.
             segmenter = TransformersSegmenter(segmenter)
-        return ArtifactDetector.from_config(
-            detector or "desra-default", segmenter=segmenter if segmenter is not None else "none",
-            **overrides,
-        )
+        if segmenter is None:
+            logger.warning(
+                "RaimPipeline has no segmenter: the detector weighs every semantic class the "
+                "same (uniform weights). Register one with pipe.register_modules(segmenter=...) "
+                "or pass a detector."
+            )
+            segmenter = "none"
+        return build_detector(detector or "desra-default", segmenter=segmenter, load=False,
+                              **overrides)
 
     def detect_artifacts(
         self, generated: torch.Tensor, prior: torch.Tensor, detector: ArtifactDetector
     ) -> ArtifactResult:
         """Stage 3: where ``generated`` drifted from the faithful ``prior`` (N1HW masks)."""
-        return detector(generated, prior)
+        return detector(generated, prior, check_range=False)
 
     def fuse_artifacts(
         self,
@@ -414,68 +557,117 @@ class RaimPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """Stage 4: re-restore the masked regions and keep the rest of ``generated``.
 
-        With ``self.fusion`` (a trained [`FusionNet`]) the regions are re-restored from the
-        upsampled input; without it the prior is blended in with a Laplacian pyramid, exact
-        outside a feather band around the masks.
+        With ``self.fusion`` (any registered fusion architecture, e.g. a trained [`FusionNet`])
+        the network fuses; without it the prior is blended in with a Laplacian pyramid, exact
+        outside a feather band around the masks. Anything else as ``fusion`` is an error, never
+        a silent fallback.
         """
-        fusion = self.fusion if isinstance(self.fusion, FusionNet) else None
-        if fusion is not None:
-            dtype = next(fusion.parameters()).dtype
-            out = fuse(generated.to(dtype), prior.to(dtype), x_lq_up.to(dtype),
-                       masks.to(dtype), fusion, tile=tile)
-            return out.float()
-        return fuse(generated, prior, x_lq_up, masks)
+        if self.fusion is None:
+            return fuse(generated, prior, x_lq_up, masks)
+        net = fusion_architecture(self.fusion)
+        dtype = next(net.parameters()).dtype
+        out = fuse(generated.to(dtype), prior.to(dtype), x_lq_up.to(dtype), masks.to(dtype),
+                   self.fusion, tile=tile)
+        return out.float()
 
     # ------------------------------------------------------------------ checks
 
+    @classmethod
     def check_inputs(
-        self,
+        cls,
         *,
-        strength: float,
-        num_inference_steps: int,
-        guidance_scale: float,
-        consistency_weight: float,
-        consistency_schedule: str,
-        consistency_stop: float,
-        color_fix: str,
-        upscale: float | None,
-        min_size: int | None,
-        tile: int | None,
-        output_type: str,
-        stages: Sequence[str],
-        callback_on_step_end_tensor_inputs: Sequence[str],
-        control_guidance_start: float,
-        control_guidance_end: float,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        strength: float = 0.5,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        consistency_weight: float = 0.5,
+        consistency_schedule: str = "cosine",
+        consistency_stop: float = 1.0,
+        consistency_schedule_kwargs: dict[str, Any] | None = None,
+        color_fix: str = "wavelet",
+        upscale: float | None = None,
+        input_blend: float = 0.0,
+        min_size: int | None = None,
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+        vae_tile: int | None = None,
+        fusion_tile: int | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        stages: Sequence[str] = STAGES,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        controlnet_conditioning_scale: float = 1.0,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        contrast_threshold: float | None = None,
+        area_threshold: float | None = None,
+        **unknown: Any,
     ) -> None:
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive int")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength={strength!r} must be in (0, 1]")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0")
-        check_consistency_args(consistency_weight, consistency_schedule, consistency_stop)
+        """Validate the settings of a call, before anything loads or runs.
+
+        A classmethod, so that batch jobs check a whole run's settings before loading models.
+        Every error is a `ValueError` naming the argument, the value and what is allowed.
+        """
+        if unknown:
+            raise ValueError(f"unknown RaimPipeline arguments: {sorted(unknown)}")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            texts = [text] if isinstance(text, str) else text
+            if texts is not None and not (
+                isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts)
+            ):
+                raise ValueError(f"{name}={text!r} must be a string or a list of strings")
+
+        def number(name: str, value: Any, lo: float, hi: float = math.inf, *,
+                   lo_open: bool = False, optional: bool = False, integer: bool = False) -> None:
+            if value is None and optional:
+                return
+            kind = int if integer else (int, float)
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and (value > lo if lo_open else value >= lo)
+            if not (ok and value <= hi):
+                low = f"{'>' if lo_open else '>='} {lo}"
+                rng = f"{low} and <= {hi}" if math.isfinite(hi) else low
+                what = "an int" if integer else "a finite number"
+                raise ValueError(f"{name}={value!r} must be {what} {rng}"
+                                 + (" or None" if optional else ""))
+
+        number("num_inference_steps", num_inference_steps, 1, integer=True)
+        number("strength", strength, 0.0, 1.0, lo_open=True)
+        number("guidance_scale", guidance_scale, 0.0)
+        check_consistency_args(consistency_weight, consistency_schedule, consistency_stop,
+                               consistency_schedule_kwargs)
         if color_fix not in COLOR_FIXES:
-            raise ValueError(f"color_fix={color_fix!r} is not supported; use one of {COLOR_FIXES}")
-        if upscale is not None and not upscale > 0:
-            raise ValueError(f"upscale={upscale!r} must be > 0")
-        if min_size is not None and (not isinstance(min_size, int) or min_size < 1):
-            raise ValueError(f"min_size={min_size!r} must be a positive int or None")
-        if tile is not None and (not isinstance(tile, int) or tile < 0):
-            raise ValueError(f"tile={tile!r} must be a non-negative int (0 = never tile) or None")
+            raise ValueError(
+                f"color_fix={color_fix!r} is not supported; use one of {tuple(COLOR_FIXES)}"
+            )
+        number("upscale", upscale, 0.0, 64.0, lo_open=True, optional=True)
+        number("input_blend", input_blend, 0.0, 1.0)
+        number("min_size", min_size, 1, integer=True, optional=True)
+        number("tile", tile, 0, integer=True, optional=True)
+        number("tile_overlap", tile_overlap, 0, integer=True, optional=True)
+        number("vae_tile", vae_tile, 0, integer=True, optional=True)
+        number("fusion_tile", fusion_tile, 1, integer=True, optional=True)
+        number("eta", eta, 0.0)
+        number("controlnet_conditioning_scale", controlnet_conditioning_scale, 0.0)
+        number("contrast_threshold", contrast_threshold, 0.0, 1.0, optional=True)
+        number("area_threshold", area_threshold, 0.0, optional=True)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
                 f"output_type={output_type!r} is not supported; use one of {OUTPUT_TYPES}"
             )
-        bad = [s for s in stages if s not in STAGES]
-        if bad:
-            raise ValueError(f"stages={tuple(stages)!r} contains {bad}; allowed: {STAGES}")
-        allowed = self._callback_tensor_inputs
+        stages = check_stages(stages)
+        if output_type == "latent" and "generate" not in stages:
+            raise ValueError("output_type='latent' returns stage 2's latents: it needs 'generate'")
+        allowed = cls._callback_tensor_inputs
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in allowed]
         if bad:
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs has {bad}; allowed: {allowed}"
             )
-        if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
+        if not (isinstance(control_guidance_start, (int, float))
+                and isinstance(control_guidance_end, (int, float))
+                and 0.0 <= control_guidance_start < control_guidance_end <= 1.0):
             raise ValueError(
                 f"control_guidance_start={control_guidance_start!r} and control_guidance_end="
                 f"{control_guidance_end!r} must satisfy 0 <= start < end <= 1"
@@ -498,8 +690,10 @@ class RaimPipeline(DiffusionPipeline):
     def generate(
         self,
         x_prior: torch.Tensor,
-        prompt: list[str],
-        negative_prompt: list[str],
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        negative_pooled_prompt_embeds: torch.Tensor | None,
         *,
         num_inference_steps: int,
         strength: float,
@@ -507,7 +701,7 @@ class RaimPipeline(DiffusionPipeline):
         consistency_weight: float,
         consistency_schedule: str,
         consistency_stop: float,
-        consistency_power: float,
+        consistency_schedule_kwargs: dict[str, Any] | None,
         tile: int | None,
         tile_overlap: int | None,
         vae_tile: int | None,
@@ -518,8 +712,13 @@ class RaimPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: Sequence[str],
+        output_type: str = "pt",
     ) -> torch.Tensor:
-        """Stage 2 on images whose sides are multiples of `pad_multiple`; returns [0, 1] images."""
+        """Stage 2 on images whose sides are multiples of `pad_multiple`.
+
+        The text embeddings come from `encode_prompt` (negatives `None` without classifier-free
+        guidance). Returns [0, 1] images, or the denoised latents with
+        ``output_type="latent"``."""
         device = self._execution_device
         n = x_prior.shape[0]
         dtype = self.unet.dtype
@@ -538,13 +737,13 @@ class RaimPipeline(DiffusionPipeline):
 
         # 2b. Text conditioning, [uncond; cond] for classifier-free guidance.
         cfg = guidance_scale > 1.0
-        prompt_embeds, pooled = self.encode_prompt(prompt, device)
+        pooled = pooled_prompt_embeds
         added_cond_kwargs = None
         if cfg:
-            neg_embeds, neg_pooled = self.encode_prompt(negative_prompt, device)
-            prompt_embeds = torch.cat([neg_embeds, prompt_embeds])
-            pooled = None if pooled is None else torch.cat([neg_pooled, pooled])
-        prompt_embeds = prompt_embeds.to(dtype)
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            if pooled is not None:
+                pooled = torch.cat([negative_pooled_prompt_embeds, pooled])
+        prompt_embeds = prompt_embeds.to(device, dtype)
         if self.is_sdxl:
             size = tuple(x_prior.shape[-2:])
             time_ids = torch.tensor([self._sdxl_time_ids(size, negative=False)] * n)
@@ -566,8 +765,8 @@ class RaimPipeline(DiffusionPipeline):
             len(timesteps),
             sigmas=step_sigmas(self.scheduler, timesteps, begin),
             stop=consistency_stop,
-            power=consistency_power,
             device=device,
+            **(consistency_schedule_kwargs or {}),
         )
         control_scales = None
         control_image = None
@@ -586,11 +785,13 @@ class RaimPipeline(DiffusionPipeline):
         if callback_on_step_end is not None:
             state = {"z_prior": z_prior, "prompt_embeds": prompt_embeds}
 
-            def callback(i: int, t: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+            def callback(i: int, t: torch.Tensor, lat: torch.Tensor) -> dict:
                 state["latents"] = lat
                 kwargs = {k: state[k] for k in callback_on_step_end_tensor_inputs}
                 out = callback_on_step_end(self, i, t, kwargs) or {}
-                return out.get("latents", lat)
+                if "prompt_embeds" in out:
+                    state["prompt_embeds"] = out["prompt_embeds"]
+                return {k: out[k] for k in ("latents", "prompt_embeds") if k in out}
 
         latent_hw = tuple(z_prior.shape[-2:])
         latents = guided_denoise(
@@ -616,6 +817,8 @@ class RaimPipeline(DiffusionPipeline):
         )
 
         # 2e. Decode.
+        if output_type == "latent":
+            return latents
         if vae_tile is None:
             return decode_latents(self.vae, latents)
         latent_tile = max(vae_tile // self.vae_scale_factor, 1)
@@ -641,15 +844,20 @@ class RaimPipeline(DiffusionPipeline):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         num_inference_steps: int = 30,
         strength: float = 0.5,
         guidance_scale: float = 5.0,
         consistency_weight: float = 0.5,
         consistency_schedule: str = "cosine",
         consistency_stop: float = 1.0,
-        consistency_power: float = 4.0,
+        consistency_schedule_kwargs: dict[str, Any] | None = None,
         color_fix: str = "wavelet",
         upscale: float | None = None,
+        input_blend: float = 0.0,
         min_size: int | None = None,
         tile: int | None = None,
         tile_overlap: int | None = None,
@@ -673,25 +881,34 @@ class RaimPipeline(DiffusionPipeline):
 
         Args:
             image: one image or a list of same-sized images (path, PIL, numpy, torch; see
-                `raim_diffusion.images.to_tensor`).
+                `raim_diffusion.images.to_tensor`). Checked once here (finite, in [0, 1]); the
+                stages only check shapes.
             prompt (`str` or `list[str]`, *optional*): one prompt, or one per image; a generic
                 photo-quality prompt (``config.default_prompt``) when `None`.
             negative_prompt (`str` or `list[str]`, *optional*): likewise
                 (``config.default_negative_prompt``).
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): precomputed text
+                embeddings (see `encode_prompt`), instead of ``prompt`` / ``negative_prompt``.
+            pooled_prompt_embeds, negative_pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                SDXL's pooled embeddings, given with the embeddings above.
             num_inference_steps (`int`, defaults to 30): length of the full noise schedule.
             strength (`float`, defaults to 0.5): fraction of it that is run (img2img strength).
             guidance_scale (`float`, defaults to 5.0): classifier-free guidance (off at <= 1).
             consistency_weight (`float`, defaults to 0.5): w in ``x̂0 ← x̂0 + w(t)·(z_prior − x̂0)``,
                 in [0, 1]; 0 is plain img2img, 1 returns the prior's latent.
-            consistency_schedule (`str`, defaults to `"cosine"`): w(t): `"constant"`, `"linear"`,
-                `"cosine"`, `"power"` (SUPIR's (σ/σ_max)^τ) or `"early"`.
+            consistency_schedule (`str`, defaults to `"cosine"`): w(t), a name registered in
+                `raim_diffusion.diffusion.guidance.CONSISTENCY_SCHEDULES` (`"constant"`,
+                `"linear"`, `"cosine"`, `"power"`, `"early"`).
             consistency_stop (`float`, defaults to 1.0): guidance is off after this fraction of
                 the steps.
-            consistency_power (`float`, defaults to 4.0): τ of the `"power"` schedule.
+            consistency_schedule_kwargs (`dict`, *optional*): the schedule's own parameters, e.g.
+                ``{"power": 4.0}`` for `"power"` or ``{"early": 0.3}`` for `"early"`.
             color_fix (`str`, defaults to `"wavelet"`): colour correction of the generated image
                 against the prior: `"wavelet"`, `"adain"` or `"none"`.
             upscale (`float`, *optional*): output size / input size; the prior's scale by default
                 (1 without a prior, or when stage 1 is skipped).
+            input_blend (`float`, defaults to 0.0): stage 1 returns ``(1 - a)·prior + a·input``
+                (the input resized to the output size), MiAlgo's fixed blend.
             min_size (`int`, *optional*): generate at least this short side (SD models work
                 poorly far below their training size); the result is resized back.
             tile (`int`, *optional*): latent tile size of the denoising loop; `None` picks one
@@ -704,15 +921,19 @@ class RaimPipeline(DiffusionPipeline):
                 defaults to 1.0): fraction of the steps where the ControlNet is applied.
             eta (`float`, defaults to 0.0): DDIM's eta.
             generator (`torch.Generator` or a list, one per image, *optional*): randomness.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"`, or `"latent"`
+                (stage 2's denoised latents as ``images``, before decoding; stages 3 and 4 do
+                not run).
             return_dict (`bool`, defaults to `True`): return a `RaimPipelineOutput` or a tuple
                 ``(images, prior_images, generated_images, masks)``.
             callback_on_step_end (`Callable`, *optional*): ``callback(pipe, step, timestep,
-                callback_kwargs) -> dict`` after every denoising step; may replace ``latents``.
+                callback_kwargs) -> dict`` after every denoising step; may replace ``latents``
+                and ``prompt_embeds``.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to ``["latents"]``): what
                 ``callback_kwargs`` holds, from ``_callback_tensor_inputs``.
             stages (`Sequence[str]`, defaults to all): which of ``("prior", "generate",
-                "detect", "fuse")`` run; a skipped stage passes its input through.
+                "detect", "fuse")`` run; a skipped stage passes its input through. ``detect``
+                needs ``generate`` and ``fuse`` needs ``detect``.
             detector (`ArtifactDetector` or `str`, *optional*): stage-3 artifact detector, or
                 the name/YAML of a parameter set in ``masks/``; ``"desra-default"`` with the
                 pipeline's ``segmenter`` when `None`.
@@ -728,7 +949,6 @@ class RaimPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        stages = tuple(stages)
         self.check_inputs(
             strength=strength,
             num_inference_steps=num_inference_steps,
@@ -736,59 +956,88 @@ class RaimPipeline(DiffusionPipeline):
             consistency_weight=consistency_weight,
             consistency_schedule=consistency_schedule,
             consistency_stop=consistency_stop,
+            consistency_schedule_kwargs=consistency_schedule_kwargs,
             color_fix=color_fix,
             upscale=upscale,
+            input_blend=input_blend,
             min_size=min_size,
             tile=tile,
+            tile_overlap=tile_overlap,
+            vae_tile=vae_tile,
+            fusion_tile=fusion_tile,
+            eta=eta,
             output_type=output_type,
             stages=stages,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
             control_guidance_start=control_guidance_start,
             control_guidance_end=control_guidance_end,
+            contrast_threshold=contrast_threshold,
+            area_threshold=area_threshold,
         )
+        stages = check_stages(stages)
+        if output_type == "latent":
+            stages = tuple(s for s in stages if s in ("prior", "generate"))
+        self._check_components(stages)
         self._guidance_scale = guidance_scale
         self._num_timesteps = 0
         device = self._execution_device
 
-        # 0. Inputs: one float32 NCHW batch in [0, 1]; one prompt per image.
+        # 0. Inputs: one float32 NCHW batch, checked once (finite, in [0, 1]).
         x_lq = to_tensor(image).to(device=device, dtype=torch.float32)
         n = x_lq.shape[0]
-        prompts = _as_list(prompt, n, "prompt", self.config.default_prompt)
-        negatives = _as_list(
-            negative_prompt, n, "negative_prompt", self.config.default_negative_prompt
-        )
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"generator is a list of {len(generator)}; give one per image ({n})")
+        methods: dict[str, str] = {}
+        # Non-finite values produced by a model are collected per stage without a host sync
+        # and reported once at the end, naming the stage that produced them.
+        finite: dict[str, torch.Tensor] = {}
 
         # 1. Prior: faithful restoration at the output size.
         run_prior = "prior" in stages
         if upscale is None:
             upscale = self.prior.scale if (run_prior and self.prior is not None) else 1.0
         if run_prior:
-            x_prior = self.run_prior(x_lq, upscale)
+            x_prior = self.run_prior(x_lq, upscale, input_blend)
+            methods["prior"] = type(self.prior).__name__ if self.prior is not None else "bicubic"
+            finite["prior"] = torch.isfinite(x_prior).all()
         else:
-            h, w = x_lq.shape[-2:]
-            x_prior = resize(x_lq, (round(h * upscale), round(w * upscale)))
+            x_prior = resize(x_lq, scaled_size(tuple(x_lq.shape[-2:]), upscale))
         target = tuple(x_prior.shape[-2:])
 
         # 2. Generate: consistency-guided img2img from the prior, at >= min_size, padded.
         if "generate" in stages:
             x_work = x_prior
             if min_size is not None and min(target) < min_size:
-                factor = min_size / min(target)
-                x_work = resize(x_prior, (round(target[0] * factor), round(target[1] * factor)))
+                x_work = resize(x_prior, scaled_size(target, min_size / min(target)))
             work_hw = tuple(x_work.shape[-2:])
+            embeds = self.encode_prompt(
+                None if prompt_embeds is not None
+                else _as_list(prompt, n, "prompt", self.config.default_prompt),
+                device,
+                do_classifier_free_guidance=guidance_scale > 1.0,
+                negative_prompt=None if negative_prompt_embeds is not None else _as_list(
+                    negative_prompt, n, "negative_prompt", self.config.default_negative_prompt
+                ),
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            )
+            embeds = tuple(_repeat_batch(e, n) for e in embeds)
+            if embeds[0].shape[0] != n:
+                raise ValueError(f"prompt_embeds holds {embeds[0].shape[0]} embeddings for {n} "
+                                 "images; give one, or one per image")
             x_gen = self.generate(
                 pad_to_multiple(x_work, self.pad_multiple),
-                prompts,
-                negatives,
+                *embeds,
                 num_inference_steps=num_inference_steps,
                 strength=strength,
                 guidance_scale=guidance_scale,
                 consistency_weight=consistency_weight,
                 consistency_schedule=consistency_schedule,
                 consistency_stop=consistency_stop,
-                consistency_power=consistency_power,
+                consistency_schedule_kwargs=consistency_schedule_kwargs,
                 tile=tile,
                 tile_overlap=tile_overlap,
                 vae_tile=vae_tile,
@@ -799,9 +1048,19 @@ class RaimPipeline(DiffusionPipeline):
                 generator=generator,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                output_type="latent" if output_type == "latent" else "pt",
             ).to(device)
+            if output_type == "latent":
+                self.maybe_free_model_hooks()
+                latents = x_gen.float()
+                out = (latents, x_prior.float().cpu(), None, None)
+                if not return_dict:
+                    return out
+                return RaimPipelineOutput(*out, artifacts=None, methods=methods)
             x_gen = resize(crop(x_gen, work_hw), target)
             x_gen = apply_color_fix(x_gen, x_prior, color_fix)
+            methods["generate"] = type(self.unet).__name__
+            finite["generate"] = torch.isfinite(x_gen).all()
         else:
             x_gen = x_prior
 
@@ -810,18 +1069,25 @@ class RaimPipeline(DiffusionPipeline):
         if "detect" in stages:
             overrides = {k: v for k, v in (("contrast_threshold", contrast_threshold),
                                            ("area_threshold", area_threshold)) if v is not None}
-            artifacts = self.detect_artifacts(
-                x_gen, x_prior, self.make_detector(detector, **overrides)
-            )
+            detector = self.make_detector(detector, **overrides)
+            self._raise_if_not_finite(finite)  # a NaN image would read as "no artifacts"
+            artifacts = self.detect_artifacts(x_gen, x_prior, detector)
             masks = artifacts.masks.to(device=x_gen.device, dtype=x_gen.dtype)
+            methods["segmentation"] = artifacts.segmentation
 
         # 4. Fuse: re-restore the masked regions, keep the rest of the generated image.
         x_out = x_gen
         if "fuse" in stages and masks is not None:
             x_lq_up = resize(x_lq, target)
             x_out = self.fuse_artifacts(x_lq_up, x_gen, x_prior, masks, tile=fusion_tile)
+            methods["fusion"] = (
+                "pyramid-blend" if self.fusion is None
+                else type(fusion_architecture(self.fusion)).__name__
+            )
+            finite["fuse"] = torch.isfinite(x_out).all()
 
         self.maybe_free_model_hooks()
+        self._raise_if_not_finite(finite)
         result = (
             self._convert(x_out.clamp(0, 1), output_type),
             self._convert(x_prior, output_type),
@@ -830,4 +1096,20 @@ class RaimPipeline(DiffusionPipeline):
         )
         if not return_dict:
             return result
-        return RaimPipelineOutput(*result, artifacts=artifacts)
+        return RaimPipelineOutput(*result, artifacts=artifacts, methods=methods)
+
+    @staticmethod
+    def _raise_if_not_finite(finite: dict[str, torch.Tensor]) -> None:
+        """Raise naming the first stage whose model produced NaN or inf (one host sync)."""
+        if not finite:
+            return
+        names = list(finite)
+        ok = torch.stack([finite[k].to("cpu") for k in names]).tolist()
+        for name, good in zip(names, ok, strict=True):
+            if not good:
+                raise FloatingPointError(
+                    f"stage '{name}' produced NaN or infinite values: its model is at fault "
+                    "(NaN weights, or a diverged UNet / VAE in half precision: try "
+                    "dtype float32 or bfloat16), not the input image"
+                )
+        finite.clear()

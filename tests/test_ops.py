@@ -91,6 +91,7 @@ def test_every_stage_uses_the_one_resize_and_pad():
                 "resize", "pad_to_multiple", "resize_to", "match_size", "pad"
             ):
                 offenders.append(f"{path.name}:{node.lineno} defines {node.name}")
-            if isinstance(node, ast.Constant) and node.value == "bicubic":
-                offenders.append(f"{path.name}:{node.lineno} uses bicubic itself")
+            if (isinstance(node, ast.keyword) and node.arg == "mode"
+                    and isinstance(node.value, ast.Constant) and node.value.value == "bicubic"):
+                offenders.append(f"{path.name}:{node.value.lineno} resizes bicubic itself")
     assert not offenders, offenders

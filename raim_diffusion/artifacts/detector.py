@@ -247,7 +247,9 @@ class ArtifactResult:
         return overlay(image, self, index=index, **kwargs)
 
 
-def _as_images(x: Any, name: str, device: torch.device | None) -> torch.Tensor:
+def _as_images(
+    x: Any, name: str, device: torch.device | None, check_range: bool = True
+) -> torch.Tensor:
     """NCHW float in [0, 1] from a tensor or anything ``raim_diffusion.images.to_tensor`` reads."""
     if isinstance(x, torch.Tensor):
         if x.ndim == 3:
@@ -256,12 +258,10 @@ def _as_images(x: Any, name: str, device: torch.device | None) -> torch.Tensor:
             raise ValueError(f"{name}: expected an NCHW or CHW tensor, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{name}: expected a float tensor in [0, 1], got dtype {x.dtype}")
-        if x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
-            raise ValueError(
-                f"{name}: values must be in [0, 1], got "
-                f"[{float(x.min()):.3g}, {float(x.max()):.3g}]"
-                " (divide 8-bit data by 255)"
-            )
+        if check_range:
+            from ..images import check_unit_range
+
+            x = check_unit_range(x, name)
         if device is not None:
             x = x.to(device)
     else:
@@ -473,7 +473,9 @@ class ArtifactDetector:
         return lab.long().to(generated.device), str(name)
 
     @torch.no_grad()
-    def __call__(self, generated: Any, reference: Any, labels: Any = None) -> ArtifactResult:
+    def __call__(
+        self, generated: Any, reference: Any, labels: Any = None, *, check_range: bool = True
+    ) -> ArtifactResult:
         """Detect artifacts of ``generated`` relative to ``reference``.
 
         Args:
@@ -482,13 +484,16 @@ class ArtifactDetector:
             reference: the faithful image, same shape.
             labels (*optional*): N,H,W (or H,W) integer ADE20K label map (0..149) at image size;
                 replaces the segmenter.
+            check_range (`bool`, defaults to `True`): refuse tensors with NaN, inf or values
+                outside [0, 1] (a NaN image would otherwise read as "no artifacts"); off for
+                callers that checked once already (the pipeline).
 
         Returns:
             `ArtifactResult`
         """
         cfg = self.config
-        gen = _as_images(generated, "generated", self.device)
-        ref = _as_images(reference, "reference", gen.device)
+        gen = _as_images(generated, "generated", self.device, check_range)
+        ref = _as_images(reference, "reference", gen.device, check_range)
         if gen.shape != ref.shape:
             raise ValueError(
                 f"generated and reference must have the same shape, got {tuple(gen.shape)} "

@@ -6,6 +6,7 @@ image's detail while taking colour from a faithful reference (the prior's output
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 from ..ops import resize
 
 ColorFix = Literal["wavelet", "adain", "none"]
-COLOR_FIXES = ("wavelet", "adain", "none")
 
 
 def _check_pair(x: torch.Tensor, ref: torch.Tensor) -> None:
@@ -84,18 +84,25 @@ def wavelet_color_fix(x: torch.Tensor, ref: torch.Tensor, levels: int = 5) -> to
     return out.to(x.dtype)
 
 
+#: Colour fixes by name: ``fn(x, ref) -> corrected x`` (not yet clamped).
+COLOR_FIXES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "wavelet": wavelet_color_fix,
+    "adain": adain_color_fix,
+    "none": lambda x, ref: x,
+}
+
+
 def color_fix(x: torch.Tensor, ref: torch.Tensor, method: ColorFix = "wavelet") -> torch.Tensor:
     """Colour-correct ``x`` against ``ref`` with ``method`` and clamp to [0, 1].
 
     Args:
         x (`torch.Tensor`): Generated image, NCHW in [0, 1].
         ref (`torch.Tensor`): Faithful reference (the prior's output), NCHW in [0, 1].
-        method (`str`, *optional*, defaults to `"wavelet"`): `"wavelet"`, `"adain"` or `"none"`.
+        method (`str`, *optional*, defaults to `"wavelet"`): a name in `COLOR_FIXES`
+            (`"wavelet"`, `"adain"` or `"none"`).
     """
+    if method not in COLOR_FIXES:
+        raise ValueError(f"color_fix must be one of {tuple(COLOR_FIXES)}, got {method!r}")
     if method == "none":
         return x
-    if method == "wavelet":
-        return wavelet_color_fix(x, ref).clamp_(0, 1)
-    if method == "adain":
-        return adain_color_fix(x, ref).clamp_(0, 1)
-    raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {method!r}")
+    return COLOR_FIXES[method](x, ref).clamp_(0, 1)

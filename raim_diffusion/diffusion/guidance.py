@@ -19,23 +19,23 @@ has no host synchronisation and no Python-side branching on values (``torch.comp
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 __all__ = [
     "CONSISTENCY_SCHEDULES",
-    "ConsistencySchedule",
     "apply_consistency",
     "consistency_weights",
     "model_output_from_x0",
     "predict_x0",
+    "register_consistency_schedule",
     "scheduler_alpha_sigma",
 ]
 
-ConsistencySchedule = Literal["constant", "linear", "cosine", "power", "early"]
-CONSISTENCY_SCHEDULES = ("constant", "linear", "cosine", "power", "early")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -170,17 +170,95 @@ def apply_consistency(
     return torch.where(weight > 0, guided, model_output.float()).to(model_output.dtype)
 
 
-def check_consistency_args(weight: float, schedule: str, stop: float) -> None:
+ScheduleFn = Callable[..., torch.Tensor]
+
+#: Consistency-guidance schedules by name: ``fn(weight, progress, *, sigmas, **kwargs)`` returns
+#: w for every step (float64, before ``stop``). Add one with `register_consistency_schedule`.
+CONSISTENCY_SCHEDULES: dict[str, ScheduleFn] = {}
+
+
+def register_consistency_schedule(name: str) -> Callable[[ScheduleFn], ScheduleFn]:
+    """Decorator that registers a schedule under ``name``.
+
+    The function gets ``weight`` (w), ``progress`` (``i / (n - 1)`` per step, float64) and the
+    keywords ``sigmas`` (EDM sigma of each step, or `None`) and ``num_steps``, plus whatever
+    ``consistency_schedule_kwargs`` the caller passes (each with a default in its signature, so
+    that a misspelt keyword is refused by name).
+    """
+
+    def register(fn: ScheduleFn) -> ScheduleFn:
+        CONSISTENCY_SCHEDULES[name] = fn
+        return fn
+
+    return register
+
+
+@register_consistency_schedule("constant")
+def _constant(weight: float, progress: torch.Tensor, **_: Any) -> torch.Tensor:
+    return torch.full_like(progress, weight)
+
+
+@register_consistency_schedule("linear")
+def _linear(weight: float, progress: torch.Tensor, **_: Any) -> torch.Tensor:
+    return weight * (1.0 - progress)
+
+
+@register_consistency_schedule("cosine")
+def _cosine(weight: float, progress: torch.Tensor, **_: Any) -> torch.Tensor:
+    return weight * 0.5 * (1.0 + torch.cos(math.pi * progress))
+
+
+@register_consistency_schedule("power")
+def _power(
+    weight: float, progress: torch.Tensor, *, sigmas: torch.Tensor | None = None,
+    power: float = 4.0, **_: Any,
+) -> torch.Tensor:
+    if sigmas is None or len(sigmas) != len(progress):
+        raise ValueError("consistency_schedule='power' needs the sigma of every step")
+    if not math.isfinite(power) or power < 0:
+        raise ValueError(f"consistency_schedule_kwargs power={power!r} must be >= 0")
+    s = sigmas.detach().to("cpu", torch.float64)
+    return weight * (s / s[0].clamp_min(1e-12)).clamp(0.0, 1.0) ** power
+
+
+@register_consistency_schedule("early")
+def _early(
+    weight: float, progress: torch.Tensor, *, num_steps: int, early: float = 0.5, **_: Any
+) -> torch.Tensor:
+    if not 0.0 <= early <= 1.0:
+        raise ValueError(f"early={early!r} must be in [0, 1]")
+    idx = torch.arange(num_steps, dtype=torch.float64)
+    return torch.where(idx < early * num_steps, weight, 0.0)
+
+
+def _schedule_keywords(fn: ScheduleFn) -> set[str]:
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"sigmas", "num_steps"}
+
+
+def check_consistency_args(
+    weight: float, schedule: str, stop: float, schedule_kwargs: Mapping[str, Any] | None = None
+) -> None:
     """Raise `ValueError` naming the argument when a consistency-guidance setting is invalid."""
     if schedule not in CONSISTENCY_SCHEDULES:
         raise ValueError(
             f"consistency_schedule={schedule!r} is not supported; "
-            f"use one of {CONSISTENCY_SCHEDULES}"
+            f"use one of {tuple(CONSISTENCY_SCHEDULES)}"
         )
-    if not 0.0 <= weight <= 1.0:
+    if not (isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0):
         raise ValueError(f"consistency_weight={weight!r} must be in [0, 1]")
-    if not 0.0 <= stop <= 1.0:
+    if not (isinstance(stop, (int, float)) and 0.0 <= stop <= 1.0):
         raise ValueError(f"consistency_stop={stop!r} must be in [0, 1]")
+    allowed = _schedule_keywords(CONSISTENCY_SCHEDULES[schedule])
+    unknown = sorted(set(schedule_kwargs or {}) - allowed)
+    if unknown:
+        raise ValueError(
+            f"consistency_schedule_kwargs {unknown} do not apply to the {schedule!r} schedule; "
+            f"it takes {sorted(allowed) or 'none'}"
+        )
+    for key, value in (schedule_kwargs or {}).items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"consistency_schedule_kwargs {key}={value!r} must be a number")
 
 
 def consistency_weights(
@@ -190,57 +268,44 @@ def consistency_weights(
     *,
     sigmas: torch.Tensor | None = None,
     stop: float = 1.0,
-    power: float = 4.0,
-    early: float = 0.5,
     device: torch.device | str | None = None,
+    **schedule_kwargs: Any,
 ) -> torch.Tensor:
     """Guidance weight w for every step, computed once before the loop.
 
     With ``p = i / (n − 1)`` the progress of step ``i`` of ``n`` (0 at the first step run, 1 at
-    the last):
+    the last), the registered schedules are:
 
     - ``"constant"``: w.
     - ``"linear"``: w·(1 − p), strong while the noise is high, zero at the last step.
     - ``"cosine"``: w·(1 + cos(πp))/2.
-    - ``"power"``: w·(σ_i/σ_0)^power with the EDM sigmas of the steps (SUPIR's restoration
-      guidance). σ is normalised by the first step run rather than the training maximum, because
-      img2img starts below it and (σ/σ_max)^4 would be almost 0 throughout.
-    - ``"early"``: w for the first ``early`` fraction of the steps, then 0.
+    - ``"power"`` (keyword ``power``, τ, default 4): w·(σ_i/σ_0)^τ with the EDM sigmas of the
+      steps. This is the library's own variant of SUPIR's (σ/σ_max)^τ: σ is normalised by the
+      first step run rather than the training maximum, because img2img starts below it and
+      (σ/σ_max)^4 would be almost 0 throughout.
+    - ``"early"`` (keyword ``early``, default 0.5): w for the first ``early`` fraction of the
+      steps, then 0.
 
     After that, the steps with ``i/n ≥ stop`` get 0 ("guidance off for the last 1 − stop").
 
     Args:
-        schedule (`str`): one of `CONSISTENCY_SCHEDULES`.
+        schedule (`str`): a name in `CONSISTENCY_SCHEDULES`.
         weight (`float`): w, in [0, 1].
         num_steps (`int`): number of steps run.
         sigmas (`torch.Tensor`, *optional*): EDM sigma (σ/α) of each step, needed by `"power"`.
         stop (`float`, defaults to 1.0): fraction of the steps after which guidance is off.
-        power (`float`, defaults to 4.0): exponent τ of `"power"`.
-        early (`float`, defaults to 0.5): fraction of the steps guided by `"early"`.
         device: device of the result.
+        **schedule_kwargs: the schedule's own parameters (``power=``, ``early=``).
 
     Returns:
         `torch.Tensor`: float32, shape ``(num_steps,)``.
     """
-    check_consistency_args(weight, schedule, stop)
-    if not 0.0 <= early <= 1.0:
-        raise ValueError(f"early={early!r} must be in [0, 1]")
+    check_consistency_args(weight, schedule, stop, schedule_kwargs)
     if num_steps < 0:
         raise ValueError(f"num_steps={num_steps!r} must be >= 0")
     idx = torch.arange(num_steps, dtype=torch.float64)
     progress = idx / max(num_steps - 1, 1)
-    if schedule == "constant":
-        w = torch.full_like(idx, weight)
-    elif schedule == "linear":
-        w = weight * (1.0 - progress)
-    elif schedule == "cosine":
-        w = weight * 0.5 * (1.0 + torch.cos(math.pi * progress))
-    elif schedule == "power":
-        if sigmas is None or len(sigmas) != num_steps:
-            raise ValueError("consistency_schedule='power' needs the sigma of every step")
-        s = sigmas.detach().to("cpu", torch.float64)
-        w = weight * (s / s[0].clamp_min(1e-12)).clamp(0.0, 1.0) ** power
-    else:  # early
-        w = torch.where(idx < early * num_steps, weight, 0.0)
+    fn = CONSISTENCY_SCHEDULES[schedule]
+    w = fn(weight, progress, sigmas=sigmas, num_steps=num_steps, **schedule_kwargs)
     w = torch.where(idx < stop * num_steps, w, 0.0)
     return w.to(device=device, dtype=torch.float32)

@@ -161,7 +161,7 @@ def guided_denoise(
     generator: torch.Generator | list[torch.Generator] | None = None,
     eta: float = 0.0,
     progress_bar: Callable | None = None,
-    callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], dict] | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` over ``timesteps`` with consistency guidance towards ``z_prior``.
 
@@ -191,7 +191,9 @@ def guided_denoise(
         generator: for stochastic schedulers (Euler ancestral, DDPM, SDE solvers).
         eta (`float`, defaults to 0.0): DDIM's eta.
         progress_bar: ``pipeline.progress_bar``-like context manager factory taking ``total``.
-        callback (`Callable`, *optional*): ``callback(i, t, latents) -> latents`` after each step.
+        callback (`Callable`, *optional*): ``callback(i, t, latents) -> dict`` after each step;
+            the dict may replace ``"latents"`` and ``"prompt_embeds"`` (the text embeddings,
+            laid out like ``encoder_hidden_states``) for the following steps.
 
     Returns:
         `torch.Tensor`: the denoised latents.
@@ -293,7 +295,9 @@ def guided_denoise(
             )
         latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
         if callback is not None:
-            latents = callback(i, t, latents)
+            replaced = callback(i, t, latents) or {}
+            latents = replaced.get("latents", latents)
+            encoder_hidden_states = replaced.get("prompt_embeds", encoder_hidden_states)
         if bar is not None:
             bar.update()
     if bar is not None:

@@ -1,10 +1,17 @@
 """Stage 4: fuse a faithful restoration into the artifact regions of the generated image.
 
-With trained weights, [`FusionNet`] (a 1x SRFormer) re-restores the masked regions from the
-low-quality input; without them, [`pyramid_blend`] blends the prior in seam-free.
+Fusion networks are registered architectures (`FUSION_ARCHITECTURES`, name -> class); each
+implements ``fuse_images(generated, prior, lq_up, mask, *, tile, overlap)``. [`FusionNet`] (a 1x
+SRFormer, Xhs-IAG's) re-restores the masked regions from the low-quality input. Without a
+network, [`pyramid_blend`] blends the prior in seam-free. `load_fusion` loads whichever
+registered architecture a saved folder holds.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -14,8 +21,12 @@ from .model import PRESETS, FusionNet, make_composite
 from .srformer import SRFormer, strip_official_buffers
 
 __all__ = [
+    "FUSION_ARCHITECTURES",
     "PRESETS",
     "FusionNet",
+    "fusion_architecture",
+    "load_fusion",
+    "register_fusion",
     "SRFormer",
     "band_weight",
     "fuse",
@@ -23,6 +34,66 @@ __all__ = [
     "pyramid_blend",
     "strip_official_buffers",
 ]
+
+
+#: Fusion architectures by class name (the ``_class_name`` that ``save_pretrained`` writes).
+FUSION_ARCHITECTURES: dict[str, type[torch.nn.Module]] = {}
+
+
+def register_fusion(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
+    """Register a fusion architecture (a `ModelMixin, ConfigMixin` with ``fuse_images``)."""
+    if not callable(getattr(cls, "fuse_images", None)):
+        raise TypeError(f"{cls.__name__} has no fuse_images(generated, prior, lq_up, mask, ...)")
+    FUSION_ARCHITECTURES[cls.__name__] = cls
+    return cls
+
+
+register_fusion(FusionNet)
+
+
+def fusion_architecture(module: object) -> torch.nn.Module:
+    """The registered fusion network behind ``module`` (a `torch.compile` wrapper is unwrapped).
+
+    Raises:
+        TypeError: ``module`` is not a registered fusion architecture.
+    """
+    inner = getattr(module, "_orig_mod", module)  # torch.compile's OptimizedModule
+    if type(inner).__name__ in FUSION_ARCHITECTURES and isinstance(
+        inner, FUSION_ARCHITECTURES[type(inner).__name__]
+    ):
+        return inner
+    raise TypeError(
+        f"fusion is a {type(module).__name__}, not a registered fusion architecture "
+        f"({', '.join(FUSION_ARCHITECTURES)}); register it with raim_diffusion.fusion."
+        "register_fusion, or pass fusion=None for the pyramid blend"
+    )
+
+
+def load_fusion(folder: str | os.PathLike, **kwargs) -> torch.nn.Module:
+    """Load the fusion network saved in ``folder`` (by ``save_pretrained``), whatever its
+    registered architecture.
+
+    Args:
+        folder (`str` or `os.PathLike`): a folder with ``config.json`` and the weights.
+        **kwargs: passed to ``from_pretrained`` (``torch_dtype``, ...).
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``folder``.
+        ValueError: the config names no registered fusion architecture, or is not JSON.
+    """
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"fusion network {folder}: no config.json (not a saved network)")
+    try:
+        name = json.loads(config_file.read_text()).get("_class_name")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"fusion network {folder}: config.json is not a JSON object") from err
+    if name not in FUSION_ARCHITECTURES:
+        raise ValueError(
+            f"fusion network {folder}: architecture {name!r} is not registered; known: "
+            f"{', '.join(FUSION_ARCHITECTURES)}"
+        )
+    return FUSION_ARCHITECTURES[name].from_pretrained(folder, **kwargs)
 
 
 def fuse(
@@ -47,7 +118,8 @@ def fuse(
             (`raim_diffusion.ops.resize`) when its size differs. Required by ``fusion``, and
             the fallback's fill when there is no prior.
         mask (`torch.Tensor`): ``(N or 1, 1, H, W)`` in [0, 1], 1 = artifact.
-        fusion (`FusionNet`, *optional*): Trained network; without it the pyramid blend is used.
+        fusion (*optional*): a registered fusion network (e.g. a trained `FusionNet`); without
+            one the pyramid blend is used.
         tile (`int`, *optional*): Tile size for ``fusion``; `None` runs the whole image at once.
         overlap (`int`, *optional*, defaults to 32): Tile overlap for ``fusion``.
         feather (`int`, *optional*, defaults to 16): Transition width of the blend fallback.
@@ -61,9 +133,10 @@ def fuse(
             raise ValueError(f"lq_up must be (N, 3, h, w), got {tuple(lq_up.shape)}")
         lq_up = resize(lq_up, tuple(generated.shape[-2:])).to(generated.dtype)
     if fusion is not None:
+        net = fusion_architecture(fusion)
         if lq_up is None:
             raise ValueError("lq_up is required when a fusion network is given")
-        return fusion.restore(lq_up, mask, generated, tile=tile, overlap=overlap)
+        return net.fuse_images(generated, prior, lq_up, mask, tile=tile, overlap=overlap)
     fill = prior if prior is not None else lq_up
     if fill is None:
         raise ValueError("the blend fallback needs prior or lq_up as the fill image, got neither")

@@ -209,6 +209,20 @@ class FusionNet(ModelMixin, ConfigMixin):
         x = torch.cat([lq, mask, composite], dim=1)  # (N, 7, H, W)
         return self.srformer(x, skip=composite)
 
+    def fuse_images(
+        self,
+        generated: torch.Tensor,
+        prior: torch.Tensor,
+        lq_up: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        tile: int | None = None,
+        overlap: int = 32,
+    ) -> torch.Tensor:
+        """The fusion-architecture interface (see `raim_diffusion.fusion.FUSION_ARCHITECTURES`):
+        this network re-restores the masked regions from ``lq_up`` and does not use ``prior``."""
+        return self.restore(lq_up, mask, generated, tile=tile, overlap=overlap)
+
     @torch.no_grad()
     def restore(
         self,

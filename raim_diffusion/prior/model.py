@@ -31,7 +31,8 @@ from diffusers.utils import logging
 from spandrel import ImageModelDescriptor, ModelTiling, SizeRequirements
 
 from raim_diffusion.errors import MissingWeightsError
-from raim_diffusion.ops import pad, resize
+from raim_diffusion.images import check_unit_range
+from raim_diffusion.ops import pad, resize, scaled_size
 from raim_diffusion.tiling import tiled_apply
 
 logger = logging.get_logger(__name__)
@@ -41,8 +42,6 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _TILE_WEIGHTS = ("gaussian", "cosine", "uniform")
 # Original network names users know, to spandrel architecture ids.
 _ARCH_ALIASES = {"SRVGGNetCompact": "Compact", "RRDBNet": "ESRGAN", "RealESRGAN": "ESRGAN"}
-# Values this far outside [0, 1] are an error rather than rounding noise from a resize.
-_RANGE_TOLERANCE = 1e-3
 # Auto tiling on the CPU: big enough to keep per-tile overhead low, small enough that an x4
 # RRDBNet tile stays within a couple of GB.
 _CPU_AUTO_TILE = 512
@@ -191,8 +190,11 @@ def _unsupported(dtype: torch.dtype, descriptor: ImageModelDescriptor) -> bool:
     )
 
 
-def check_image(x: Any, name: str = "x") -> torch.Tensor:
+def check_image(x: Any, name: str = "x", check_range: bool = True) -> torch.Tensor:
     """Validate an NCHW float image in ``[0, 1]`` and return it clamped to the exact range.
+
+    The range check (one scan, one host sync) is `raim_diffusion.images.check_unit_range`;
+    ``check_range=False`` checks the shape only, for callers that validated once already.
 
     Raises:
         `TypeError`: If ``x`` is not a floating point tensor.
@@ -214,16 +216,9 @@ def check_image(x: Any, name: str = "x") -> torch.Tensor:
         )
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    lo, hi = torch.aminmax(x.float())
-    lo, hi = float(lo), float(hi)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-        raise ValueError(
-            f"{name} must have values in [0, 1], got min {lo:.4g} and max {hi:.4g} "
-            "(scale 8-bit images by 1/255)"
-        )
-    return x.clamp(0, 1)
+    if not check_range:
+        return x
+    return check_unit_range(x, name)
 
 
 class PriorModel(ModelMixin, ConfigMixin):
@@ -654,7 +649,9 @@ class PriorModel(ModelMixin, ConfigMixin):
             max_batch=self.config.max_tile_batch,
         )
 
-    def forward(self, x: torch.Tensor, outscale: float | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, outscale: float | None = None, *, check_range: bool = True
+    ) -> torch.Tensor:
         """Restore ``x``.
 
         Args:
@@ -664,12 +661,14 @@ class PriorModel(ModelMixin, ConfigMixin):
             outscale (`float`, *optional*): Output size relative to ``x``; defaults to
                 [`scale`]. A different value resamples the native output (bicubic, antialiased),
                 e.g. ``1`` to use an x4 model as a same-size restorer.
+            check_range (`bool`, defaults to `True`): refuse NaN, inf and values outside
+                [0, 1]; off for callers that checked once already (the pipeline).
 
         Returns:
             `torch.Tensor`: ``(N, C, round(H * s), round(W * s))`` float32 in ``[0, 1]`` on
             ``x.device``, ``s`` being ``outscale`` or [`scale`].
         """
-        x = check_image(x, "x")
+        x = check_image(x, "x", check_range)
         _check_outscale(outscale)
         outscale = self.config.outscale if outscale is None else outscale
         x = x.float()
@@ -683,8 +682,7 @@ class PriorModel(ModelMixin, ConfigMixin):
             else:
                 y = self._auto_tiled(x)
             if outscale is not None:
-                size = (max(1, round(h * outscale)), max(1, round(w * outscale)))
-                y = resize(y, size)
+                y = resize(y, scaled_size((h, w), outscale))
         if not torch.is_inference_mode_enabled():
             # Inference tensors cannot be modified in place or saved for backward outside
             # inference mode; one copy makes the result an ordinary tensor for later stages.

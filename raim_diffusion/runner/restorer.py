@@ -1,26 +1,30 @@
-"""Build the per-image restore function of a batch job from a [`~raim_diffusion.runner.config.RunConfig`].
+"""Build the per-image restore function of a batch job from a run config.
 
-Models load once; each call restores one image with its own seed. A prior-only run never loads
-diffusers' pipeline; other runs go through [`RaimPipeline`], with the detector and fusion
-network of the config.
+Models load once; each call restores one image through [`RaimPipeline`] with its own seed.
+There is one stage-1 path: a prior-only run is a pipeline that holds only the prior
+(``stages=("prior",)``), so every config key reaches the same code whatever the stages.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from raim_diffusion.images import LoadedImage
 from raim_diffusion.resources import cache_dir
 from raim_diffusion.runner.batch import Job, Restored, image_seed
 from raim_diffusion.runner.config import TINY_PREFIX, call_kwargs, resolved_call_kwargs
 
+__all__ = ["Restorer", "build_restorer", "resolve_dtype", "resolve_model"]
 
-def resolve_dtype(name: str | None, device: str) -> torch.dtype | None:
+# Bump when the tiny pipelines that testing.py writes change shape.
+_TINY_FORMAT = 2
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     """``auto`` (or `None`): bfloat16 on CUDA where supported, else float16 there, float32 on
     the CPU; otherwise the named dtype."""
     if name in (None, "auto"):
@@ -41,7 +45,8 @@ def resolve_model(name: str) -> str:
     from raim_diffusion.testing import save_tiny_pipeline
 
     kind = name[len(TINY_PREFIX):]
-    folder = cache_dir("tiny") / kind
+    # Versioned: a folder written by an older testing.py (other vocabulary) is never reused.
+    folder = cache_dir("tiny") / f"{kind}-v{_TINY_FORMAT}"
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".{kind}.{os.getpid()}.tmp"
@@ -49,55 +54,84 @@ def resolve_model(name: str) -> str:
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race; its folder is just as good
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
 
 
-def _build_fusion(name: str | None, device: str):
-    """The fusion network of a config: a saved folder, ``tiny:fusion`` (random, for demos), or
-    `None` for the pyramid-blend fallback."""
+def _load_prior(config: DictConfig, device: str, dtype: torch.dtype | None):
+    from raim_diffusion.prior import load_prior
+
+    names = config.prior.name
+    names = [names] if isinstance(names, str) else list(names)
+    weights = config.prior.weights
+    weights = None if weights is None else list(weights)
+    if any(str(n).startswith(TINY_PREFIX) for n in names):
+        from raim_diffusion.prior import PriorModel
+        from raim_diffusion.testing import tiny_prior
+
+        # "tiny:prior-x4": a tiny random compact network of that scale, one per member.
+        members = [
+            tiny_prior(int(str(n).rpartition("-x")[2] or 2), seed=i).descriptors[0]
+            for i, n in enumerate(names)
+        ]
+        return PriorModel.from_spandrel(members, weights).to(device)
+    names = names[0] if len(names) == 1 else names
+    return load_prior(names, device=device, dtype=dtype, tile=config.prior.tile, weights=weights)
+
+
+def _load_fusion(name: str | None, device: str):
+    """The fusion network of a config: a saved folder of any registered architecture,
+    ``tiny:fusion`` (random, for demos), or `None` for the pyramid blend."""
     if name is None:
         return None
-    from raim_diffusion.fusion import FusionNet
+    from raim_diffusion.fusion import FusionNet, load_fusion
 
     if name.startswith(TINY_PREFIX):
         return FusionNet.from_preset("tiny").to(device).eval()
-    return FusionNet.from_pretrained(name).to(device).eval()
+    return load_fusion(name).to(device).eval()
 
 
 class Restorer:
     """Callable ``(image, job) -> Restored`` for [`~raim_diffusion.runner.batch.run_jobs`].
 
     Args:
-        config (`DictConfig`): A loaded [`~raim_diffusion.runner.config.RunConfig`].
+        config (`DictConfig`): A loaded, validated run config.
         device (`str`): Torch device for every model.
-        dtype (`str`, *optional*): ``auto``, ``float32``, ``float16`` or ``bfloat16``.
     """
 
-    def __init__(self, config: DictConfig, device: str, dtype: str | None = "auto") -> None:
-        from raim_diffusion.prior import load_prior
+    def __init__(self, config: DictConfig, device: str) -> None:
+        from raim_diffusion.pipeline import RaimPipeline
 
         self.config, self.device = config, device
         self.stages = tuple(config.stages)
-        self.dtype = resolve_dtype(dtype, device)
-        names = config.prior.name
-        names = names if isinstance(names, str) else list(names)
-        self.prior = None
-        if "prior" in self.stages:
-            self.prior = load_prior(
-                names, device=device,
-                dtype=None if dtype in (None, "auto") else self.dtype,
-                tile=config.prior.tile,
-                weights=None if config.prior.weights is None else list(config.prior.weights),
-            )
-        self.pipe = None
-        self.record: dict[str, Any] = {"stages": list(self.stages)}
-        if "generate" in self.stages or "detect" in self.stages or "fuse" in self.stages:
-            self._build_pipeline()
+        self.dtype = resolve_dtype(config.dtype, device)
+        prior_dtype = None if config.dtype == "auto" else self.dtype
+        prior = _load_prior(config, device, prior_dtype) if "prior" in self.stages else None
+        self.record: dict[str, Any] = {"stages": list(self.stages), "tiny": bool(config.tiny)}
+        if "generate" in self.stages:
+            pipe = self._load_generator(prior)
+        else:
+            pipe = RaimPipeline(prior=prior)
+        if "fuse" in self.stages:
+            pipe.register_modules(fusion=_load_fusion(config.fuse.fusion, device))
+        self.pipe = pipe.to(device)
+        self.detector = None
+        if "detect" in self.stages:
+            from raim_diffusion.artifacts import build_detector
 
-    def _build_pipeline(self) -> None:
+            det = config.detect
+            # Loads the segmentation model now: a missing one stops the job before the first
+            # image instead of failing every image.
+            self.detector = build_detector(
+                det.params, segmenter=det.segmenter or "none", sam=det.sam,
+                sam_type=det.sam_type, device=device,
+            )
+            self.record["detector"] = self.detector.config.to_dict()
+        self.kwargs = call_kwargs(config)
+        self.record["call"] = resolved_call_kwargs(config)
+        self.show_progress(False)  # the batch job shows one bar over the images
+
+    def _load_generator(self, prior):
         from raim_diffusion.pipeline import RaimPipeline
 
         gen = self.config.generate
@@ -105,11 +139,9 @@ class Restorer:
         if controlnet is not None and controlnet.startswith(TINY_PREFIX):
             from raim_diffusion.testing import tiny_controlnet
 
-            kind = "sdxl" if "sdxl" in gen.model else "sd15"
-            controlnet = tiny_controlnet(kind)
+            controlnet = tiny_controlnet("sdxl" if "sdxl" in gen.model else "sd15")
         pipe = RaimPipeline.from_pretrained(
-            resolve_model(gen.model), prior=self.prior, controlnet=controlnet,
-            torch_dtype=self.dtype,
+            resolve_model(gen.model), prior=prior, controlnet=controlnet, torch_dtype=self.dtype,
         )
         if gen.scheduler:
             import diffusers
@@ -119,60 +151,35 @@ class Restorer:
                 raise ValueError(f"generate.scheduler {gen.scheduler!r} is not a diffusers "
                                  "scheduler class")
             pipe.scheduler = cls.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)  # the batch job shows one bar over images
-        if "fuse" in self.stages:
-            pipe.register_modules(fusion=_build_fusion(self.config.fuse.fusion, self.device))
-        self.pipe = pipe.to(self.device)
-        self.detector = None
-        if "detect" in self.stages:
-            from raim_diffusion.artifacts import ArtifactDetector
+        return pipe
 
-            det = self.config.detect
-            refiner = None
-            if det.sam:
-                from raim_diffusion.artifacts.sam import SamRefiner
+    def show_progress(self, enabled: bool) -> None:
+        """Show the denoising steps of each image (a second bar below the batch's own)."""
+        self.pipe.set_progress_bar_config(disable=not enabled, leave=False, position=1)
 
-                refiner = SamRefiner.from_checkpoint(det.sam, det.sam_type, device=self.device)
-            self.detector = ArtifactDetector.from_config(
-                det.params, segmenter=det.segmenter or "none", refiner=refiner,
-                device=self.device,
-            )
-            # Load the segmentation model now: a missing one must stop the job before the first
-            # image, not fail every image one by one.
-            self.detector.segmenter  # noqa: B018
-            self.record["detector"] = self.detector.config.to_dict()
-        self.kwargs = call_kwargs(gen)
-        self.record["call"] = resolved_call_kwargs(gen)
-
-    def __call__(self, image: LoadedImage, job: Job) -> Restored:
+    def __call__(self, image, job: Job) -> Restored:
         x = image.tensor.to(self.device)
-        if self.pipe is None:
-            return Restored(self._prior_only(x))
         generator = torch.Generator("cpu").manual_seed(image_seed(self.config.seed, job))
         out = self.pipe(
             x, output_type="pt", generator=generator, stages=self.stages,
             detector=self.detector, **self.kwargs,
         )
-        inter = {}
+        inter: dict[str, torch.Tensor] = {}
         if self.config.save_intermediates:
             for name, value in (("prior", out.prior_images), ("generated", out.generated_images),
                                 ("mask", out.masks)):
-                if value is not None:
+                if value is not None and (name != "generated" or "generate" in self.stages):
                     inter[name] = value[:1].float().cpu()
+            if out.artifacts is not None:
+                from raim_diffusion.artifacts.overlay import overlay
+                from raim_diffusion.images import to_tensor
+
+                inter["overlay"] = to_tensor(overlay(out.generated_images[:1], out.artifacts))
         return Restored(out.images[:1].float().cpu(), inter)
 
-    @torch.inference_mode()
-    def _prior_only(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.config.prior
-        out = self.prior(x, outscale=cfg.outscale)
-        if cfg.input_blend > 0:
-            # MiAlgo-style: a fixed per-pixel alpha of the (antialiased) upsampled input.
-            up = F.interpolate(x, size=out.shape[-2:], mode="bicubic", align_corners=False,
-                               antialias=True).clamp(0, 1)
-            out = (1 - cfg.input_blend) * out + cfg.input_blend * up
-        return out.cpu()
 
-
-def build_restorer(config: DictConfig, device: str, dtype: str | None = "auto") -> Restorer:
+def build_restorer(config: DictConfig, device: str) -> Restorer:
     """Load every model ``config`` needs on ``device`` and return the per-image function."""
-    return Restorer(config, device, dtype)
+    if not isinstance(config, DictConfig):
+        config = OmegaConf.create(config)
+    return Restorer(config, device)
