@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,95 @@ def test_write_study_named_dirs_and_png(study_dirs, tmp_path):
     assert "data:image/png;base64," in text and "M0" not in text.split("<script")[0]
     saved = json.loads(key.read_text())
     assert saved["methods"] == ["M0", "M1", "M2", "M3"] and saved["study_id"] in text
+
+
+# File names that would break a page that embeds them carelessly: each closes the data script,
+# opens a comment or a script, or is an HTML entity, a quote or a JavaScript line break.
+TRICKY_STEMS = (
+    "<!--<script>",
+    "x</script><script>alert(1)</script>",
+    "</SCRIPT >",
+    "a&amp;b & c",
+    "quote\"s 'and' `ticks`",
+    "line\u2028sep\u2029end",
+    "__DATA__ __TITLE__",
+)
+
+
+def _save_tricky(folder: Path, stem: str, arr: np.ndarray) -> None:
+    # a "/" in a stem is a sub-folder: stems are paths relative to the study's folders
+    path = folder / f"{stem}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture
+def tricky_dirs(tmp_path) -> tuple[dict[str, Path], Path]:
+    rng = np.random.default_rng(5)
+    inputs = tmp_path / "in"
+    methods = {"</script><!--": tmp_path / "m1", 'a&b"c': tmp_path / "m2"}
+    for stem in TRICKY_STEMS:
+        base = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
+        _save_tricky(inputs, stem, base)
+        for k, folder in enumerate(methods.values()):
+            _save_tricky(folder, stem, base // (k + 2))
+    return methods, inputs
+
+
+class _PageParser(HTMLParser):
+    """The page as an HTML parser sees it: each script's text, and the title's."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.scripts: list[tuple[dict, str]] = []
+        self.titles: list[str] = []
+        self._in: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "title"):
+            self._in = tag
+            if tag == "script":
+                self.scripts.append((dict(attrs), ""))
+            else:
+                self.titles.append("")
+
+    def handle_endtag(self, tag):
+        if tag == self._in:
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in == "script":
+            attrs, text = self.scripts[-1]
+            self.scripts[-1] = (attrs, text + data)
+        elif self._in == "title":
+            self.titles[-1] += data
+
+
+def test_file_names_cannot_break_out_of_the_embedded_json(tricky_dirs):
+    methods, inputs = tricky_dirs
+    title = "</title><script>alert('t')</script> & __DATA__"
+    page, key = build_study(methods, inputs, top_k=2, title=title)
+
+    parser = _PageParser()
+    parser.feed(page)
+    parser.close()
+    # exactly the two scripts of the template: the data, then the code that reads it
+    assert [attrs.get("id") for attrs, _ in parser.scripts] == ["study-data", None]
+    text = parser.scripts[0][1]
+    start = page.index('<script type="application/json" id="study-data">') + len(
+        '<script type="application/json" id="study-data">'
+    )
+    assert page[start : start + len(text) + len("</script>")] == text + "</script>"
+    for ch in "<>&\u2028\u2029":
+        assert ch not in text
+    data = json.loads(text)
+    assert [s["id"] for s in data["samples"]] == sorted(TRICKY_STEMS)
+    assert data["title"] == title and data["study_id"] == key["study_id"]
+    assert "JSON.parse" in parser.scripts[1][1]  # the code after the data is still code
+    assert parser.titles == [title]  # the title is text, and its placeholder stays literal
+    assert set(key["samples"]) == set(TRICKY_STEMS)
+    for m in methods:
+        assert m not in page and json.dumps(m)[1:-1] not in page
 
 
 # ---------------------------------------------------------------- scoring
@@ -257,6 +347,150 @@ def test_cli_build_and_score(study_dirs, tmp_path, capsys):
     assert "METHOD=NUMBER" in capsys.readouterr().err
 
 
+def _one_line_error(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith(f"raim {command}: ") and "\n" not in err, captured.err
+    assert "Traceback" not in captured.err
+    return err
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Fail the test if `raim study build` gets as far as reading images."""
+    import raim_diffusion.metrics.study as study
+
+    def reached(*args, **kwargs):
+        raise AssertionError("write_study was reached; the error must come before it")
+
+    monkeypatch.setattr(study, "write_study", reached)
+
+
+def _build_argv(study_dirs, *extra: str) -> list[str]:
+    methods, inputs = study_dirs
+    return ["study", "build", *map(str, methods.values()), "--input", str(inputs), *extra]
+
+
+def test_cli_build_output_path_errors(study_dirs, tmp_path, no_build, capsys):
+    from raim_diffusion.cli import main
+
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    assert main(_build_argv(study_dirs, "-o", str(folder))) == 2
+    err = _one_line_error(capsys, "study build")
+    assert str(folder) in err and "folder" in err
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    inside = blocker / "page.html"
+    assert main(_build_argv(study_dirs, "-o", str(inside))) == 2
+    assert str(inside) in _one_line_error(capsys, "study build")
+
+    page = tmp_path / "p.html"
+    assert main(_build_argv(study_dirs, "-o", str(page), "--key", str(folder))) == 2
+    assert f"--key {folder}" in _one_line_error(capsys, "study build")
+    assert main(_build_argv(study_dirs, "-o", str(page), "--key", str(page))) == 2
+    assert "page itself" in _one_line_error(capsys, "study build")
+
+    _, inputs = study_dirs
+    victim = inputs / "s1.png"
+    before = victim.read_bytes()
+    assert main(_build_argv(study_dirs, "-o", str(victim))) == 2
+    assert str(victim) in _one_line_error(capsys, "study build")
+    assert victim.read_bytes() == before
+
+    assert main(_build_argv(study_dirs, "-o", str(page), "--seed", str(2**64))) == 2
+    assert "--seed" in _one_line_error(capsys, "study build")
+    assert not page.exists()
+
+
+def test_cli_build_unwritable_output(study_dirs, tmp_path, no_build, capsys, monkeypatch):
+    import os
+
+    from raim_diffusion.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # Tests may run as root, where permission bits do not stop writing: deny it explicitly.
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw),
+    )
+    target = locked / "page.html"
+    assert main(_build_argv(study_dirs, "-o", str(target))) == 2
+    err = _one_line_error(capsys, "study build")
+    assert str(target) in err and "not writable" in err
+
+
+def test_cli_build_bad_inputs(study_dirs, tmp_path, capsys):
+    from raim_diffusion.cli import main
+
+    methods, inputs = study_dirs
+    page = tmp_path / "p.html"
+    (methods["secret_gamma"] / "s2.png").write_bytes(b"\x89PNG\r\n\x1a\n damaged")
+    assert main(_build_argv(study_dirs, "-o", str(page))) == 2
+    assert "s2.png" in _one_line_error(capsys, "study build")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["study", "build", *map(str, methods.values()), "--input", str(empty), "-o", str(page)]
+    assert main(argv) == 2
+    assert "holds no images" in _one_line_error(capsys, "study build")
+
+    argv = ["study", "build", f"={methods['secret_alpha']}", str(methods["secret_beta"]),
+            "--input", str(inputs), "-o", str(page), "--top-k", "2"]  # fmt: skip
+    assert main(argv) == 2
+    assert "NAME=DIR" in _one_line_error(capsys, "study build")
+    assert not page.exists()
+
+
+def test_cli_score_errors(key, tmp_path, capsys):
+    from raim_diffusion.cli import main
+
+    key_path = tmp_path / "k.json"
+    key_path.write_text(json.dumps(key))
+    picks = {s: ["A", "B", "C"] for s in SAMPLES}
+    judge = _write_judge(tmp_path / "j.json", key, "j", picks)
+
+    def score(*argv: str) -> str:
+        assert main(["study", "score", *argv]) == 2
+        return _one_line_error(capsys, "study score")
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert str(folder) in score(str(judge), "--key", str(key_path), "--json", str(folder))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert str(blocker) in score(str(judge), "--key", str(key_path), "--json", f"{blocker}/s.json")
+    before = key_path.read_text()
+    assert "input file" in score(str(judge), "--key", str(key_path), "--json", str(key_path))
+    assert "input file" in score(str(judge), "--key", str(key_path), "--json", str(judge))
+    assert key_path.read_text() == before and json.loads(judge.read_text())["judge"] == "j"
+
+    assert "not readable JSON" in score(str(judge), "--key", str(folder))
+    (tmp_path / "junk.json").write_text('{"format": "raim-study-key", "samples": [')
+    assert "not readable JSON" in score(str(judge), "--key", str(tmp_path / "junk.json"))
+    assert "does not exist" in score(str(judge), "--key", str(tmp_path / "nope.json"))
+    for damage in ("study_id", "methods", "top_k"):
+        broken = tmp_path / f"no_{damage}.json"
+        broken.write_text(json.dumps({k: v for k, v in key.items() if k != damage}))
+        assert f"'{damage}'" in score(str(judge), "--key", str(broken))
+    bad_sample = dict(key, samples=dict(key["samples"], s1={"A": "nobody"}))
+    broken = tmp_path / "bad_sample.json"
+    broken.write_text(json.dumps(bad_sample))
+    assert "sample 's1'" in score(str(judge), "--key", str(broken))
+
+    (tmp_path / "bad_judge.json").write_bytes(b"\xff\xfe not text")
+    assert "bad_judge.json" in score(str(tmp_path / "bad_judge.json"), "--key", str(key_path))
+    s2 = [f"{m}=1" for m in METHODS[:3]]
+    assert "finite" in score(str(judge), "--key", str(key_path), "--s2", *s2, f"{METHODS[3]}=nan")
+    assert "twice" in score(
+        str(judge), "--key", str(key_path), "--s2", *s2, f"{METHODS[3]}=1", f"{METHODS[0]}=2"
+    )
+
+
 # ---------------------------------------------------------------- the page in a real browser
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -362,3 +596,23 @@ def test_page_in_headless_chromium(study_dirs, tmp_path, monkeypatch):
             expected[key["samples"][sample][label]] += points
     assert res.s3 == expected
     assert json.loads(downloaded.read_text()) == exported  # the Blob download, same JSON
+
+
+def test_tricky_file_names_in_headless_chromium(tricky_dirs, tmp_path, monkeypatch):
+    """The browser reads the same sample names back, and runs only the page's own script."""
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    methods, inputs = tricky_dirs
+    page, _ = write_study(tmp_path / "t.html", tmp_path / "t.key.json", methods, inputs, top_k=2)
+    driver = _chrome(tmp_path)
+    try:
+        driver.get(page.resolve().as_uri())
+        ids = driver.execute_script("return DATA.samples.map(s => s.id)")
+        scripts = driver.execute_script("return document.scripts.length")
+        heading = driver.execute_script(
+            "return document.getElementById('sample-title').textContent"
+        )
+    finally:
+        driver.quit()
+    assert ids == sorted(TRICKY_STEMS)
+    assert scripts == 2
+    assert heading == "Sample " + sorted(TRICKY_STEMS)[0]

@@ -1,8 +1,10 @@
 """The self-contained HTML page of the blind user study (no network, no external files).
 
 ``__DATA__`` is replaced by a JSON object ``{"study_id", "title", "top_k", "samples": [{"id",
-"input", "candidates": [{"label", "src"}]}]}`` whose image sources are ``data:`` URIs. The page
-never sees method names. Kept as a Python string so it ships inside the package.
+"input", "candidates": [{"label", "src"}]}]}`` whose image sources are ``data:`` URIs, written
+without a literal ``<``, ``>`` or ``&`` (``study._script_json``) so that no file name can end the
+script element. The page never sees method names. Kept as a Python string so it ships inside
+the package.
 """
 
 from __future__ import annotations

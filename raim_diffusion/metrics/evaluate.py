@@ -24,7 +24,7 @@ from ..errors import InvalidImageError, RaimError
 from ..ops import resize
 from ._io import atomic_write, find_images, image_size, load_rgb
 from .conventions import ALL_METRICS, DEFAULT_CONVENTIONS, FULL_REFERENCE_METRICS, MetricConventions
-from .iqa import IQAMetrics, parse_metric_list
+from .iqa import IQAMetrics, parse_metric_list, require_pyiqa
 from .score import challenge_score, mean_metrics, mean_of_scores, score_of_means
 
 logger = logging.get_logger(__name__)
@@ -79,6 +79,25 @@ def _index_by_stem(folder: Path, role: str) -> dict[str, Path]:
     return index
 
 
+def _check_distinct_folders(pred_dir: Path, gt_dir: Path) -> None:
+    """Refuse a prediction folder that is, holds or lies in the ground-truth folder: the
+    images would be compared with themselves, or found as both predictions and ground truths."""
+    if not (pred_dir.is_dir() and gt_dir.is_dir()):
+        return  # _index_by_stem names the missing folder
+    pred, gt = pred_dir.resolve(), gt_dir.resolve()
+    if pred == gt:
+        raise PairingError(
+            f"--pred {str(pred_dir)!r} and --gt {str(gt_dir)!r} are the same folder; the "
+            "predictions would be compared with themselves."
+        )
+    for inner, outer, a, b in ((pred, gt, "pred", "gt"), (gt, pred, "gt", "pred")):
+        if outer in inner.parents:
+            raise PairingError(
+                f"--{a} {str(inner)!r} lies inside --{b} {str(outer)!r}, so its images would "
+                f"be read as --{b} images too; use two separate folders."
+            )
+
+
 def pair_images(
     pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | None = None
 ) -> list[ImagePair]:
@@ -92,9 +111,12 @@ def pair_images(
         `list[ImagePair]`: sorted by name.
 
     Raises:
-        `PairingError`: listing every missing and extra file, or stem clashes.
+        `PairingError`: listing every missing and extra file, or stem clashes; or folders that
+            are the same or nested.
     """
     pred_dir = Path(pred_dir)
+    if gt_dir is not None:
+        _check_distinct_folders(pred_dir, Path(gt_dir))
     preds = _index_by_stem(pred_dir, "pred")
     if gt_dir is None:
         return [ImagePair(p.relative_to(pred_dir).as_posix(), p) for _, p in sorted(preds.items())]
@@ -256,12 +278,14 @@ def evaluate_folders(
         `EvaluationResult`
 
     Raises:
+        `ImportError`: pyiqa (the ``eval`` extra) is not installed; checked first.
         `PairingError`: missing / extra / clashing / mismatched files (all listed).
         `MissingWeightsError`: weights for a selected metric are not available offline.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
     if iqa is None:
+        require_pyiqa()  # an incomplete install is reported before the folders are read
         if metrics is None:
             metrics = ALL_METRICS if gt_dir is not None else ("niqe",)
         selected = parse_metric_list(metrics)
@@ -309,7 +333,7 @@ def evaluate_folders(
                 g = load_rgb(pair.gt) if pair.gt is not None and iqa.needs_reference else None
             except InvalidImageError as exc:
                 failures[pair.name] = str(exc)
-                logger.error(f"{pair.name}: {exc}")
+                logger.info(f"{pair.name}: {exc}")
                 bar.update(1)
                 continue
             preds.append(p)
@@ -325,7 +349,7 @@ def evaluate_folders(
         except ValueError as exc:  # e.g. too small for NIQE: these images fail, others go on
             for name in names:
                 failures[name] = str(exc)
-                logger.error(f"{name}: {exc}")
+                logger.info(f"{name}: {exc}")
             bar.update(len(names))
             continue
         for name, row in zip(names, rows, strict=True):

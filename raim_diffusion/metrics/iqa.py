@@ -1,6 +1,6 @@
 """PSNR, SSIM, LPIPS, DISTS and NIQE through pyiqa, offline, with the challenge conventions.
 
-pyiqa (``pip install raim-diffusion[eval]``) provides the reference implementations the
+pyiqa (``pip install "raim-diffusion[eval]"``) provides the reference implementations the
 challenge used. This module only builds them with the conventions of
 `raim_diffusion.metrics.conventions` and the weights found by
 `raim_diffusion.metrics.weights` (never downloading), and runs them on batches.
@@ -30,10 +30,15 @@ from .weights import required_weight_files, resolve_weights
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["IQAMetrics", "parse_metric_list"]
+__all__ = ["EVAL_INSTALL_HINT", "IQAMetrics", "parse_metric_list", "require_pyiqa"]
 
-# NIQE's block size (MATLAB release and pyiqa); smaller images have no block to measure.
-_NIQE_BLOCK = 96
+# The smallest image side each metric can measure (pyiqa would fail deep inside, or return NaN
+# for an empty crop). NIQE: one 96x96 block (MATLAB release and pyiqa); SSIM: one 11x11
+# Gaussian window ("valid" filtering); LPIPS: AlexNet's pooling needs 31 pixels, VGG16's 16.
+# Found by running the pyiqa networks on growing inputs; DISTS works from 1 pixel.
+_MIN_SIDE = {"psnr": 1, "ssim": 11, "lpips": 31, "lpips-vgg": 16, "dists": 1, "niqe": 96}
+# Metrics measured after crop_border is removed from every side.
+_CROPPED = ("psnr", "ssim", "niqe")
 
 
 def parse_metric_list(metrics: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -60,12 +65,35 @@ def parse_metric_list(metrics: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(m for m in ALL_METRICS if m in names)
 
 
-def _import_pyiqa():
+#: How to install what the metrics need.
+EVAL_INSTALL_HINT = 'pip install "raim-diffusion[eval]"'
+
+
+def require_pyiqa():
+    """Import pyiqa, which every metric here runs on, or say how to install it.
+
+    Called before anything else a metric needs (weight files, images), so a missing install is
+    reported as such rather than as missing weights.
+
+    Returns:
+        The `pyiqa` module.
+
+    Raises:
+        `ImportError`: pyiqa is not installed, or is installed but cannot be imported (the
+            message says which, and how to install the ``eval`` extra).
+    """
     try:
         import pyiqa
     except ImportError as exc:  # the eval extra is optional
+        if exc.name == "pyiqa":
+            raise ImportError(
+                f"the metrics need pyiqa, which is not installed: {EVAL_INSTALL_HINT}",
+                name="pyiqa",
+            ) from exc
         raise ImportError(
-            "The metrics need pyiqa: pip install 'raim-diffusion[eval]' (or pip install pyiqa)."
+            f"the metrics need pyiqa, which is installed but cannot be imported ({exc}); "
+            f"reinstall it with {EVAL_INSTALL_HINT}",
+            name="pyiqa",
         ) from exc
     return pyiqa
 
@@ -132,6 +160,8 @@ class IQAMetrics:
                 f"conventions must be a MetricConventions, got {type(conventions).__name__}."
             )
         self.metrics = parse_metric_list(metrics)
+        # The install first: without pyiqa, a list of missing weight files would mislead.
+        pyiqa = require_pyiqa()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -141,7 +171,6 @@ class IQAMetrics:
         pyiqa_names = {m: conventions.pyiqa_options(m) for m in self.metrics}
         # Check every file before building anything, so one error lists all missing files.
         found = resolve_weights([name for name, _ in pyiqa_names.values()], weights_dir)
-        pyiqa = _import_pyiqa()
         self._nets: dict[str, torch.nn.Module] = {}
         for metric, (name, options) in pyiqa_names.items():
             options = dict(options)
@@ -172,6 +201,22 @@ class IQAMetrics:
     def needs_reference(self) -> bool:
         """Whether any selected metric needs a ground-truth image."""
         return any(m in FULL_REFERENCE_METRICS for m in self.metrics)
+
+    def _check_size(self, hw: tuple[int, int]) -> None:
+        """Raise a `ValueError` naming every selected metric the image is too small for."""
+        crop = self.conventions.crop_border
+        too_small = []
+        for metric in self.metrics:
+            name = self.conventions.pyiqa_options(metric)[0]
+            need = _MIN_SIDE[name]
+            side = min(hw) - (2 * crop if metric in _CROPPED else 0)
+            if side < need:
+                cropped = f" after crop_border={crop}" if crop and metric in _CROPPED else ""
+                too_small.append(f"{metric.upper()} needs at least {need}x{need}{cropped}")
+        if too_small:
+            raise ValueError(
+                f"image of {hw[1]}x{hw[0]} pixels is too small: " + "; ".join(too_small) + "."
+            )
 
     @torch.no_grad()
     def __call__(
@@ -204,14 +249,7 @@ class IQAMetrics:
         lo, hi = float(pred.min()), float(pred.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"pred values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}].")
-        if "niqe" in self._nets:
-            side = min(pred.shape[-2:]) - 2 * self.conventions.crop_border
-            if side < _NIQE_BLOCK:
-                raise ValueError(
-                    f"NIQE needs images of at least {_NIQE_BLOCK}x{_NIQE_BLOCK} pixels (one block) "
-                    f"after crop_border, got {tuple(pred.shape[-2:])} with crop_border="
-                    f"{self.conventions.crop_border}."
-                )
+        self._check_size(tuple(pred.shape[-2:]))
         pred = pred.to(self.device, torch.float32)
         if gt is not None:
             gt = gt.to(self.device, torch.float32)

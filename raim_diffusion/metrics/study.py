@@ -25,6 +25,7 @@ import html
 import io
 import json
 import os
+import re
 import secrets
 import string
 from collections.abc import Mapping, Sequence
@@ -57,6 +58,46 @@ S3_WEIGHT = 0.6
 
 class StudyError(RaimError, ValueError):
     """A study cannot be built or a judge file is not acceptable (the message names the file)."""
+
+
+# Characters that must not appear literally in JSON embedded in HTML: "<" could close the
+# script element ("</script>") or open a comment ("<!--") that changes how the rest of the
+# element is parsed; ">" and "&" too, so the text is inert in any HTML context; U+2028 and
+# U+2029 end a line in older JavaScript parsers. Inside JSON strings "\u003c" means "<" again.
+_SCRIPT_UNSAFE = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
+_PLACEHOLDER_RE = re.compile("__TITLE__|__DATA__")
+
+
+def _script_json(obj) -> str:
+    """``obj`` as JSON safe to embed in an HTML ``<script>`` element.
+
+    Every ``<``, ``>``, ``&``, U+2028 and U+2029 is written as a ``\\uXXXX`` escape, so no
+    string in ``obj`` (a file name such as ``<!--<script>.png``) can end the element, open a
+    comment or be read as markup; ``JSON.parse`` of the element's text gives ``obj`` back.
+
+    Args:
+        obj: Anything `json.dumps` accepts.
+
+    Returns:
+        `str`: compact JSON without any of those characters.
+    """
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    # Outside strings JSON holds none of these characters, so escaping is always valid.
+    return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group(0)], text)
+
+
+def _fill_template(template: str, title: str, payload: str) -> str:
+    """Fill the page placeholders in one pass, so a title or file name that spells a
+    placeholder is never substituted a second time."""
+    values = {"__TITLE__": html.escape(title), "__DATA__": payload}
+    return _PLACEHOLDER_RE.sub(lambda m: values[m.group(0)], template)
 
 
 def _stems(folder: Path) -> dict[str, Path]:
@@ -98,6 +139,8 @@ def _method_dirs(methods: Mapping[str, str | os.PathLike] | Sequence[str | os.Pa
         named = {}
         for entry in methods:
             name, sep, folder = str(entry).partition("=")
+            if sep and not (name and folder):
+                raise StudyError(f"Method {str(entry)!r} must look like NAME=DIR or DIR.")
             path = Path(folder) if sep else Path(entry)
             name = name if sep else path.resolve().name
             if name in named:
@@ -207,9 +250,7 @@ def build_study(
         "samples": samples_key,
     }
     data = {"study_id": study_id, "title": title, "top_k": top_k, "samples": samples_page}
-    # "</" inside the JSON would end the <script> element early.
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    page = PAGE_TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+    page = _fill_template(PAGE_TEMPLATE, str(title), _script_json(data))
     return page, key
 
 
@@ -248,9 +289,41 @@ def _read_json(path: Path, what: str) -> dict:
 def load_key(path: str | os.PathLike) -> dict:
     """Read and check a key file written by `write_study`."""
     key = _read_json(Path(path), "Key file")
-    if key.get("format") != KEY_FORMAT or not isinstance(key.get("samples"), dict):
+    if key.get("format") != KEY_FORMAT:
         raise StudyError(f"Key file {str(path)!r} is not a raim study key (format {KEY_FORMAT}).")
+    _check_key(key, f"Key file {str(path)!r}")
     return key
+
+
+def _check_key(key: Mapping, where: str) -> None:
+    """Check the structure `score_study` relies on, so a damaged key is one clear error."""
+
+    def bad(what: str) -> StudyError:
+        return StudyError(f"{where} is damaged: {what}.")
+
+    if not isinstance(key.get("study_id"), str):
+        raise bad("'study_id' must be a string")
+    methods = key.get("methods")
+    if (
+        not isinstance(methods, list)
+        or not methods
+        or not all(isinstance(m, str) for m in methods)
+        or len(set(methods)) != len(methods)
+    ):
+        raise bad("'methods' must be a non-empty list of distinct names")
+    top_k = key.get("top_k")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(methods):
+        raise bad(f"'top_k' must be an integer between 1 and {len(methods)}, got {top_k!r}")
+    samples = key.get("samples")
+    if not isinstance(samples, Mapping) or not samples:
+        raise bad("'samples' must be a non-empty object")
+    for sample, mapping in samples.items():
+        if not isinstance(mapping, Mapping) or not all(
+            isinstance(label, str) and m in methods for label, m in mapping.items()
+        ):
+            raise bad(f"sample {sample!r} must map labels to the key's methods")
+        if len(mapping) < top_k:
+            raise bad(f"sample {sample!r} has fewer results than top_k={top_k}")
 
 
 def load_judge_file(path: str | os.PathLike, key: Mapping) -> tuple[str, dict[str, list[str]]]:
@@ -398,6 +471,8 @@ def score_study(
     """
     if not isinstance(key, Mapping):
         key = load_key(key)
+    else:
+        _check_key(key, "The key")
     if not judge_files:
         raise StudyError("No judge files given.")
     methods: list[str] = list(key["methods"])

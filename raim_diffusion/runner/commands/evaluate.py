@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raim_diffusion.metrics.conventions import MetricConventions
 
 _DESCRIPTION = """\
 Compute PSNR, SSIM, LPIPS, DISTS and NIQE (pyiqa, challenge conventions) for every image in
@@ -59,30 +63,62 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_request(args: argparse.Namespace) -> tuple[str, MetricConventions]:
+    """Every check that needs no image, no weight file and no model: the device, the output
+    files, the options, and the install (pyiqa). Returns the device and the conventions;
+    raises `UsageError`/`ValueError`/`ImportError` with a one-line message."""
+    import os
+
+    from raim_diffusion.metrics._io import check_not_input
+    from raim_diffusion.metrics.conventions import MetricConventions
+    from raim_diffusion.metrics.iqa import parse_metric_list, require_pyiqa
+    from raim_diffusion.runner.common import UsageError, check_output_file, resolve_device
+
+    device = resolve_device(args.device)
+    inputs = [args.pred] + ([args.gt] if args.gt else [])
+    outputs = [(flag, path) for flag, path in (("--csv", args.csv), ("--json", args.json)) if path]
+    for flag, path in outputs:
+        check_output_file(path, flag)
+        check_not_input(path, flag, folders=inputs)
+    if len(outputs) == 2 and os.path.realpath(args.csv) == os.path.realpath(args.json):
+        raise UsageError(f"--csv and --json are the same file {args.csv}; give two file names")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.metrics is not None:
+        parse_metric_list(args.metrics)
+    conventions = MetricConventions(
+        psnr_y_channel=args.y_channel, crop_border=args.crop_border, lpips_net=args.lpips_net
+    )
+    require_pyiqa()
+    return device, conventions
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``raim eval``; returns 0, 1 if some images failed, 2 on a usage/pairing error."""
     from raim_diffusion.errors import RaimError
-    from raim_diffusion.metrics.conventions import MetricConventions
+    from raim_diffusion.runner.common import report_usage_error
+
+    try:
+        device, conventions = _check_request(args)
+    except (RaimError, ValueError, ImportError) as exc:
+        return report_usage_error("eval", exc)
+
     from raim_diffusion.metrics.evaluate import evaluate_folders
 
     try:
-        conventions = MetricConventions(
-            psnr_y_channel=args.y_channel, crop_border=args.crop_border, lpips_net=args.lpips_net
-        )
         result = evaluate_folders(
             args.pred,
             args.gt,
             metrics=args.metrics,
-            device=args.device,
+            device=device,
             conventions=conventions,
             weights_dir=args.weights_dir,
             batch_size=args.batch_size,
             resize_pred=args.resize_pred,
             progress=False if args.no_progress else None,
         )
-    except (RaimError, ValueError, TypeError, ImportError) as exc:
-        print(f"raim eval: error: {exc}", file=sys.stderr)
-        return 2
+    except (RaimError, ValueError) as exc:
+        return report_usage_error("eval", exc)
 
     print(result.format_table(per_image=not args.summary_only))
     if result.score is None:
@@ -94,5 +130,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         result.write_json(args.json)
     for name, why in result.failures.items():
-        print(f"raim eval: failed: {name}: {why}", file=sys.stderr)
+        print(f"raim eval: failed: {name}: {' '.join(why.split())}", file=sys.stderr)
     return 1 if result.failures else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -69,15 +70,45 @@ def run(args: argparse.Namespace) -> int:
     return int(args.func(args))
 
 
+# torch.Generator.manual_seed takes any 64-bit integer, signed or not.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _method_folders(entries: list[str]) -> list[str]:
+    """The folder part of each METHOD_DIR argument (``NAME=DIR`` or ``DIR``)."""
+    return [entry.partition("=")[2] if "=" in entry else entry for entry in entries]
+
+
 def run_build(args: argparse.Namespace) -> int:
     """``raim study build``."""
-    import torch
-
     from raim_diffusion.errors import RaimError
-    from raim_diffusion.metrics.study import write_study
+    from raim_diffusion.metrics._io import check_not_input
+    from raim_diffusion.runner.common import (
+        UsageError,
+        check_output_file,
+        report_usage_error,
+    )
 
     page = Path(args.output)
     key = Path(args.key) if args.key else page.with_suffix(".key.json")
+    try:
+        # Everything about the request before any image is read.
+        check_output_file(page, "-o/--output")
+        check_output_file(key, "--key")
+        inputs = [args.input, *_method_folders(args.methods)]
+        check_not_input(page, "-o/--output", folders=inputs)
+        check_not_input(key, "--key", folders=inputs)
+        if page.resolve() == key.resolve():
+            raise UsageError(f"--key {key} is the page itself; give the key another name")
+        if not _SEED_RANGE[0] <= args.seed <= _SEED_RANGE[1]:
+            raise UsageError(f"--seed {args.seed} is out of range; use a 64-bit integer")
+    except ValueError as exc:
+        return report_usage_error("study build", exc)
+
+    import torch
+
+    from raim_diffusion.metrics.study import write_study
+
     try:
         write_study(
             page,
@@ -92,8 +123,7 @@ def run_build(args: argparse.Namespace) -> int:
             title=args.title,
         )
     except (RaimError, ValueError) as exc:
-        print(f"raim study build: error: {exc}", file=sys.stderr)
-        return 2
+        return report_usage_error("study build", exc)
     print(f"page: {page}\nkey:  {key}  (keep it from the judges)")
     return 0
 
@@ -107,25 +137,32 @@ def _parse_s2(entries: list[str] | None) -> dict[str, float] | None:
         try:
             if not sep or not name:
                 raise ValueError
-            out[name] = float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"--s2 {entry!r} must look like METHOD=NUMBER.") from None
+        if not math.isfinite(number):
+            raise ValueError(f"--s2 {entry!r}: the score must be a finite number.")
+        if name in out:
+            raise ValueError(f"--s2 gives method {name!r} twice.")
+        out[name] = number
     return out
 
 
 def run_score(args: argparse.Namespace) -> int:
     """``raim study score``."""
     from raim_diffusion.errors import RaimError
-    from raim_diffusion.metrics._io import atomic_write
+    from raim_diffusion.metrics._io import atomic_write, check_not_input
     from raim_diffusion.metrics.study import score_study
+    from raim_diffusion.runner.common import check_output_file, report_usage_error
 
     try:
-        scores = score_study(
-            args.judges, args.key, _parse_s2(args.s2), normalize_s2=args.normalize_s2
-        )
+        s2 = _parse_s2(args.s2)
+        if args.json:
+            check_output_file(args.json, "--json")
+            check_not_input(args.json, "--json", files=[args.key, *args.judges])
+        scores = score_study(args.judges, args.key, s2, normalize_s2=args.normalize_s2)
     except (RaimError, ValueError) as exc:
-        print(f"raim study score: error: {exc}", file=sys.stderr)
-        return 2
+        return report_usage_error("study score", exc)
     print(f"{len(scores.judges)} judge(s)")
     print(scores.format_table())
     if args.json:
