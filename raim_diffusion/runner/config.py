@@ -121,7 +121,7 @@ class RunConfig:
     seed: int = 0
     device: str | None = None
     dtype: str = "auto"  # auto: bfloat16/float16 on CUDA, float32 on the CPU
-    upscale: float | None = None  # output size / input size; None: the prior's scale
+    upscale: float | None = None  # output size / input size; None: the pipeline's default, 1
     prior: PriorConfig = field(default_factory=PriorConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
