@@ -21,7 +21,7 @@ from raim_diffusion.training.config import (
 )
 from raim_diffusion.training.data import EpochSampler, HQImageDataset, pad_to_min_size
 from raim_diffusion.training.losses import masked_l1
-from raim_diffusion.training.trainer import FusionTrainer, latest_checkpoint, psnr, ssim
+from raim_diffusion.training.trainer import FusionTrainer, latest_checkpoint
 
 # Small and fast: no VGG (tested in test_training_losses), a narrow discriminator, 32 px crops.
 STEPS = 12
@@ -233,20 +233,14 @@ def test_cli_train_fusion(photos: Path, val_photos: Path, tmp_path: Path) -> Non
     assert bad.func(bad) == 1
 
 
-def test_psnr_ssim_match_skimage() -> None:
-    metrics = pytest.importorskip("skimage.metrics")
-    a = torch.from_numpy(data.astronaut()[:48, :48]).permute(2, 0, 1)[None].float() / 255
-    b = (a + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    an, bn = a[0].permute(1, 2, 0).numpy(), b[0].permute(1, 2, 0).numpy()
-    ref_psnr = metrics.peak_signal_noise_ratio(an, bn, data_range=1)
-    ref_ssim = metrics.structural_similarity(
-        an,
-        bn,
-        data_range=1,
-        channel_axis=2,
-        gaussian_weights=True,
-        sigma=1.5,
-        use_sample_covariance=False,
-    )
-    assert abs(float(psnr(b, a)) - ref_psnr) < 1e-3
-    assert abs(float(ssim(b, a)) - ref_ssim) < 1e-3
+def test_validation_metrics_are_those_of_raim_eval() -> None:
+    from raim_diffusion.metrics import IQAMetrics
+    from raim_diffusion.training.validation import ValidationMetrics
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 3, 40, 36, generator=g)
+    b = (a + 0.05 * torch.randn(1, 3, 40, 36, generator=g)).clamp(0, 1)
+    ours = ValidationMetrics(("psnr", "ssim"))(b, a)
+    ref = IQAMetrics("psnr,ssim", device="cpu")(b, a)
+    assert ours == {k: float(v) for k, v in ref.items()}
+    assert 20 < ours["psnr"] < 40 and 0 < ours["ssim"] < 1
