@@ -41,6 +41,9 @@ from .diffusion.loop import (
     auto_latent_tile,
     guided_denoise,
     img2img_timesteps,
+    linear_guidance_scales,
+    next_step_sigmas,
+    scheduler_sigma_max,
     step_sigmas,
 )
 from .diffusion.vae import auto_vae_tile, decode_latents, encode_latents
@@ -176,6 +179,11 @@ def _load_cached_first(load: Callable[..., Any], model: str | os.PathLike, **kwa
             if n == len(attempts):
                 raise missing_weights_error(model, err) from err
     raise AssertionError("unreachable")
+
+
+def _uses_cfg(guidance_scale: float, guidance_scale_start: float | None) -> bool:
+    """Whether any step runs classifier-free guidance (a linear CFG passes through both ends)."""
+    return guidance_scale > 1.0 or (guidance_scale_start is not None and guidance_scale_start > 1)
 
 
 def _repeat_batch(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -581,6 +589,7 @@ class RaimPipeline(DiffusionPipeline):
         strength: float = 0.5,
         num_inference_steps: int = 30,
         guidance_scale: float = 5.0,
+        guidance_scale_start: float | None = None,
         consistency_weight: float = 0.5,
         consistency_schedule: str = "cosine",
         consistency_stop: float = 1.0,
@@ -594,6 +603,8 @@ class RaimPipeline(DiffusionPipeline):
         vae_tile: int | None = None,
         fusion_tile: int | None = None,
         eta: float = 0.0,
+        s_churn: float = 0.0,
+        s_noise: float = 1.0,
         output_type: str = "pil",
         stages: Sequence[str] = STAGES,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -635,6 +646,9 @@ class RaimPipeline(DiffusionPipeline):
         number("num_inference_steps", num_inference_steps, 1, integer=True)
         number("strength", strength, 0.0, 1.0, lo_open=True)
         number("guidance_scale", guidance_scale, 0.0)
+        number("guidance_scale_start", guidance_scale_start, 0.0, optional=True)
+        number("s_churn", s_churn, 0.0)
+        number("s_noise", s_noise, 0.0, lo_open=True)
         check_consistency_args(consistency_weight, consistency_schedule, consistency_stop,
                                consistency_schedule_kwargs)
         if color_fix not in COLOR_FIXES:
@@ -698,6 +712,7 @@ class RaimPipeline(DiffusionPipeline):
         num_inference_steps: int,
         strength: float,
         guidance_scale: float,
+        guidance_scale_start: float | None,
         consistency_weight: float,
         consistency_schedule: str,
         consistency_stop: float,
@@ -709,6 +724,8 @@ class RaimPipeline(DiffusionPipeline):
         control_guidance_start: float,
         control_guidance_end: float,
         eta: float,
+        s_churn: float,
+        s_noise: float,
         generator: torch.Generator | list[torch.Generator] | None,
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: Sequence[str],
@@ -736,7 +753,7 @@ class RaimPipeline(DiffusionPipeline):
         ).to(device, dtype)
 
         # 2b. Text conditioning, [uncond; cond] for classifier-free guidance.
-        cfg = guidance_scale > 1.0
+        cfg = _uses_cfg(guidance_scale, guidance_scale_start)
         pooled = pooled_prompt_embeds
         added_cond_kwargs = None
         if cfg:
@@ -759,15 +776,20 @@ class RaimPipeline(DiffusionPipeline):
         timesteps, begin = img2img_timesteps(self.scheduler, num_inference_steps, strength, device)
         self._num_timesteps = len(timesteps)
         latents = add_noise(self.scheduler, z_prior, timesteps, generator)
+        sigmas = step_sigmas(self.scheduler, timesteps, begin)
+        sigma_max = scheduler_sigma_max(self.scheduler)
         weights = consistency_weights(
             consistency_schedule,
             consistency_weight,
             len(timesteps),
-            sigmas=step_sigmas(self.scheduler, timesteps, begin),
+            sigmas=sigmas,
+            next_sigmas=next_step_sigmas(self.scheduler, timesteps, begin),
+            sigma_max=sigma_max,
             stop=consistency_stop,
             device=device,
             **(consistency_schedule_kwargs or {}),
         )
+        scales = linear_guidance_scales(guidance_scale, guidance_scale_start, sigmas, sigma_max)
         control_scales = None
         control_image = None
         if self.controlnet is not None:
@@ -802,7 +824,7 @@ class RaimPipeline(DiffusionPipeline):
             encoder_hidden_states=prompt_embeds,
             z_prior=z_prior,
             weights=weights,
-            guidance_scale=guidance_scale,
+            guidance_scale=scales,
             added_cond_kwargs=added_cond_kwargs,
             controlnet=self.controlnet,
             control_image=control_image,
@@ -812,6 +834,8 @@ class RaimPipeline(DiffusionPipeline):
             tile_overlap=tile_overlap,
             generator=generator,
             eta=eta,
+            s_churn=s_churn,
+            s_noise=s_noise,
             progress_bar=self.progress_bar,
             callback=callback,
         )
@@ -851,6 +875,7 @@ class RaimPipeline(DiffusionPipeline):
         num_inference_steps: int = 30,
         strength: float = 0.5,
         guidance_scale: float = 5.0,
+        guidance_scale_start: float | None = None,
         consistency_weight: float = 0.5,
         consistency_schedule: str = "cosine",
         consistency_stop: float = 1.0,
@@ -866,6 +891,8 @@ class RaimPipeline(DiffusionPipeline):
         control_guidance_start: float = 0.0,
         control_guidance_end: float = 1.0,
         eta: float = 0.0,
+        s_churn: float = 0.0,
+        s_noise: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -894,6 +921,9 @@ class RaimPipeline(DiffusionPipeline):
             num_inference_steps (`int`, defaults to 30): length of the full noise schedule.
             strength (`float`, defaults to 0.5): fraction of it that is run (img2img strength).
             guidance_scale (`float`, defaults to 5.0): classifier-free guidance (off at <= 1).
+            guidance_scale_start (`float`, *optional*): SUPIR's linear CFG: the scale goes from
+                this value at σ_max to ``guidance_scale`` at σ = 0, ``g(σ) = (start − cfg)·σ/σ_max
+                + cfg`` (SUPIR's default start is 1.0); constant ``guidance_scale`` when `None`.
             consistency_weight (`float`, defaults to 0.5): w in ``x̂0 ← x̂0 + w(t)·(z_prior − x̂0)``,
                 in [0, 1]; 0 is plain img2img, 1 returns the prior's latent.
             consistency_schedule (`str`, defaults to `"cosine"`): w(t), a name registered in
@@ -922,6 +952,9 @@ class RaimPipeline(DiffusionPipeline):
             control_guidance_start (`float`, defaults to 0.0), control_guidance_end (`float`,
                 defaults to 1.0): fraction of the steps where the ControlNet is applied.
             eta (`float`, defaults to 0.0): DDIM's eta.
+            s_churn (`float`, defaults to 0.0), s_noise (`float`, defaults to 1.0): EDM churn
+                (Karras et al. 2022), through the step of schedulers that take it, such as
+                diffusers' `EulerDiscreteScheduler` (SUPIR uses s_churn 5, s_noise 1.01).
             generator (`torch.Generator` or a list, one per image, *optional*): randomness.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"`, or `"latent"`
                 (stage 2's denoised latents as ``images``, before decoding; stages 3 and 4 do
@@ -941,8 +974,8 @@ class RaimPipeline(DiffusionPipeline):
                 pipeline's ``segmenter`` when `None`.
             contrast_threshold (`float`, *optional*): override of the detector's threshold on
                 the class-weighted local-contrast similarity (0.7 in DeSRA; lower flags less).
-            area_threshold (`float`, *optional*): override of the smallest region kept, as a
-                fraction of the image area.
+            area_threshold (`float`, *optional*): smallest region kept, as a fraction of the
+                image area, instead of the detector's rule (DeSRA's fixed 4000 px by default).
             fusion_tile (`int`, *optional*): tile size of the fusion network (whole image
                 when `None`).
 
@@ -955,6 +988,7 @@ class RaimPipeline(DiffusionPipeline):
             strength=strength,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            guidance_scale_start=guidance_scale_start,
             consistency_weight=consistency_weight,
             consistency_schedule=consistency_schedule,
             consistency_stop=consistency_stop,
@@ -968,6 +1002,8 @@ class RaimPipeline(DiffusionPipeline):
             vae_tile=vae_tile,
             fusion_tile=fusion_tile,
             eta=eta,
+            s_churn=s_churn,
+            s_noise=s_noise,
             output_type=output_type,
             stages=stages,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -1017,7 +1053,7 @@ class RaimPipeline(DiffusionPipeline):
                 None if prompt_embeds is not None
                 else _as_list(prompt, n, "prompt", self.config.default_prompt),
                 device,
-                do_classifier_free_guidance=guidance_scale > 1.0,
+                do_classifier_free_guidance=_uses_cfg(guidance_scale, guidance_scale_start),
                 negative_prompt=None if negative_prompt_embeds is not None else _as_list(
                     negative_prompt, n, "negative_prompt", self.config.default_negative_prompt
                 ),
@@ -1036,6 +1072,7 @@ class RaimPipeline(DiffusionPipeline):
                 num_inference_steps=num_inference_steps,
                 strength=strength,
                 guidance_scale=guidance_scale,
+                guidance_scale_start=guidance_scale_start,
                 consistency_weight=consistency_weight,
                 consistency_schedule=consistency_schedule,
                 consistency_stop=consistency_stop,
@@ -1047,6 +1084,8 @@ class RaimPipeline(DiffusionPipeline):
                 control_guidance_start=control_guidance_start,
                 control_guidance_end=control_guidance_end,
                 eta=eta,
+                s_churn=s_churn,
+                s_noise=s_noise,
                 generator=generator,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -1069,8 +1108,11 @@ class RaimPipeline(DiffusionPipeline):
         # 3. Detect: where the generated image drifted from the prior.
         masks = artifacts = None
         if "detect" in stages:
-            overrides = {k: v for k, v in (("contrast_threshold", contrast_threshold),
-                                           ("area_threshold", area_threshold)) if v is not None}
+            overrides: dict[str, Any] = {}
+            if contrast_threshold is not None:
+                overrides["contrast_threshold"] = contrast_threshold
+            if area_threshold is not None:  # a fraction of the image area replaces the px rule
+                overrides.update(area_threshold=area_threshold, area_threshold_px=None)
             detector = self.make_detector(detector, **overrides)
             self._raise_if_not_finite(finite)  # a NaN image would read as "no artifacts"
             artifacts = self.detect_artifacts(x_gen, x_prior, detector)

@@ -114,7 +114,9 @@ def _labels() -> np.ndarray:
 def test_reference_mode_matches_independent_implementation(name, kind):
     gen, ref, _ = _pair(name, kind)
     labels = _labels()
-    det = ArtifactDetector(segmenter="none", class_weights="ade20k-desra")
+    # The 192 px test images use the image-relative area rule (DeSRA's 4000 px scaled to
+    # 640 px here); the fixed rule is tested on a full-size photo below.
+    det = ArtifactDetector(segmenter="none", class_weights="ade20k-desra", area_threshold_px=None)
     res = det(_t(gen), _t(ref), labels=labels[None])
     table = load_class_table("ade20k-desra").as_list()
     expected = desra_reference(gen, ref, labels, table, det.config.threshold_px(SIZE, SIZE))
@@ -143,7 +145,7 @@ def test_reference_mode_matches_on_uniform_weights_and_absolute_area():
 )
 def test_reference_mode_finds_planted_artifacts(name, kind, min_iou):
     gen, ref, region = _pair(name, kind)
-    res = ArtifactDetector(segmenter="none")(_t(gen), _t(ref))
+    res = ArtifactDetector(segmenter="none", area_threshold_px=None)(_t(gen), _t(ref))
     mask = res.masks[0, 0].numpy() > 0.5
     assert _iou(mask, region) >= min_iou
     # Nothing far away from the planted region.
@@ -289,7 +291,10 @@ def test_area_threshold_is_strict_and_eight_connected():
 
 
 def test_area_threshold_scales_with_image_area():
-    cfg = DetectorConfig()
+    # DeSRA's fixed 4000 px is the default; the image-relative variant is an explicit option.
+    assert DetectorConfig().threshold_px(960, 960) == 4000.0
+    assert DetectorConfig.from_params("desra-default").threshold_px(2000, 1500) == 4000.0
+    cfg = DetectorConfig(area_threshold_px=None)
     assert cfg.threshold_px(480, 480) == 4000.0
     assert cfg.threshold_px(960, 960) == 16000.0
     assert DetectorConfig(area_threshold_px=4000).threshold_px(100, 100) == 4000.0
@@ -431,3 +436,21 @@ def test_iou_benchmark_script_smoke(capsys):
     module.main(["--size", "96", "--regions", "1", "--photos", "1"])
     out = capsys.readouterr().out
     assert "| periodic |" in out and "mean IoU" in out
+
+
+def test_default_detector_flags_a_6000_px_region_on_a_2000x1500_photo():
+    """DeSRA's fixed 4000 px: a 6000 px hallucination is kept on a large photo (the relative
+    variant would need 52,000 px there and drops it)."""
+    rng = np.random.default_rng(0)
+    h, w = 1500, 2000
+    ref = cv2.resize(skimage.data.astronaut(), (w, h), interpolation=cv2.INTER_CUBIC) / 255.0
+    region = ellipse_region(h, w, (1200, 700), (55, 35), 10)  # about 6000 px
+    assert 5500 < region.sum() < 6500
+    gen = plant_artifact(mild_perturbation(ref, rng), region, "strokes", rng)
+    g, r = _t(_u8(gen)), _t(_u8(ref))
+    found = ArtifactDetector.from_config("desra-default", segmenter="none")(g, r)
+    mask = found.masks[0, 0].numpy() > 0.5
+    assert _iou(mask, region) > 0.3 and mask[~region].mean() < 0.01
+    relative = ArtifactDetector.from_config("desra-default", segmenter="none",
+                                            area_threshold_px=None)(g, r)
+    assert relative.masks.sum() == 0

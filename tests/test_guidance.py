@@ -263,3 +263,126 @@ def test_guidance_step_compiles_without_graph_breaks():
     x, out, z = _latents(0), _latents(1), _latents(2)
     args = (torch.tensor(0.5), torch.tensor(0.8), torch.tensor(0.6), "v_prediction")
     torch.testing.assert_close(step(out, x, z, *args), apply_consistency(out, x, z, *args))
+
+
+# ------------------------------------------------------ schedulers as the hub models ship them
+
+# scheduler_config.json of the models users load (values copied from the published configs).
+SHIPPED = {
+    "sd15-pndm": ("PNDMScheduler", "epsilon", {
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "steps_offset": 1, "clip_sample": False}),
+    "sd21-ddim": ("DDIMScheduler", "v_prediction", {
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1,
+        "clip_sample": False}),
+    "sdxl-euler": ("EulerDiscreteScheduler", "epsilon", {
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "interpolation_type": "linear", "steps_offset": 1,
+        "timestep_spacing": "leading", "use_karras_sigmas": False}),
+    "sd-turbo-euler": ("EulerDiscreteScheduler", "v_prediction", {
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "timestep_spacing": "trailing"}),
+}
+
+
+def _shipped_cases():
+    from diffusers.schedulers import KarrasDiffusionSchedulers
+
+    cases = [(name, *spec) for name, spec in SHIPPED.items()]
+    # Every scheduler diffusers offers for SD/SDXL, built the way users swap one in:
+    # Cls.from_config(<the shipped SD 1.5 config>).
+    base = SHIPPED["sd15-pndm"][2]
+    for member in KarrasDiffusionSchedulers:
+        if member.name in ("DPMSolverSDEScheduler",):  # needs torchsde, not installed
+            continue
+        cases.append((f"sd15-{member.name}", member.name, "epsilon", base))
+    return cases
+
+
+@pytest.mark.parametrize(("label", "cls_name", "prediction", "config"), _shipped_cases(),
+                         ids=[c[0] for c in _shipped_cases()])
+def test_full_weight_returns_the_prior_latent_with_shipped_schedulers(
+    models, label, cls_name, prediction, config
+):
+    """w = 1 lands on z_prior whatever the scheduler ends at (issue: PNDM and DDIM with
+    set_alpha_to_one=False kept about 0.1 of noise); w = 0 stays plain img2img."""
+    import diffusers
+
+    comps = models["sd2" if prediction == "v_prediction" else "sd15"]
+    cls = getattr(diffusers, cls_name)
+    scheduler = cls.from_config({**config, "prediction_type": prediction})
+    unet = comps["unet"]
+    z_init, z_prior = _latents(0), _latents(1)
+    ehs = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(3))
+    for steps, strength in ((4, 0.75), (10, 0.5)):
+        full = _run(unet, scheduler, z_init, z_prior, 1.0, ehs=ehs, steps=steps,
+                    strength=strength)
+        torch.testing.assert_close(full, z_prior, atol=1e-4, rtol=1e-4)
+    plain = _run(unet, scheduler, z_init, z_prior, 0.0, guided=False, ehs=ehs)
+    zero = _run(unet, scheduler, z_init, z_prior, 0.0, ehs=ehs)
+    assert torch.equal(zero, plain)
+
+
+def test_supir_schedule_follows_the_training_sigma_max_and_switches_off_at_005():
+    from raim_diffusion.diffusion.loop import next_step_sigmas, scheduler_sigma_max, step_sigmas
+
+    scheduler = EulerDiscreteScheduler.from_config(SHIPPED["sdxl-euler"][2])
+    sigma_max = scheduler_sigma_max(scheduler)
+    assert sigma_max == pytest.approx(14.6146, abs=1e-4)  # SD/SDXL's schedule
+    ts, begin = img2img_timesteps(scheduler, 20, 1.0)
+    sigmas = step_sigmas(scheduler, ts, begin)
+    nxt = next_step_sigmas(scheduler, ts, begin)
+    assert torch.allclose(nxt[:-1], sigmas[1:]) and nxt[-1] == 0
+    w = consistency_weights("supir", 1.0, len(ts), sigmas=sigmas, next_sigmas=nxt,
+                            sigma_max=sigma_max, tau=4.0)
+    expected = (sigmas.double() / sigma_max) ** 4
+    on = nxt > 0.05
+    torch.testing.assert_close(w[on].double(), expected[on], rtol=1e-5, atol=1e-7)
+    assert (w[~on] == 0).all() and (~on).any() and on.any()
+    # DDIM's last "next sigma" is that of final_alpha_cumprod.
+    ddim = DDIMScheduler.from_config(SHIPPED["sd21-ddim"][2])
+    ts, begin = img2img_timesteps(ddim, 10, 0.5)
+    tail = next_step_sigmas(ddim, ts, begin)[-1]
+    abar0 = ddim.alphas_cumprod[0].double()
+    assert float(tail) == pytest.approx(float(((1 - abar0) / abar0).sqrt()), rel=1e-5)
+    with pytest.raises(ValueError, match="tau"):
+        consistency_weights("supir", 1.0, len(ts), sigmas=step_sigmas(ddim, ts, begin),
+                            next_sigmas=next_step_sigmas(ddim, ts, begin), sigma_max=14.6,
+                            tau=-1.0)
+
+
+def test_linear_cfg_is_supirs_line():
+    from raim_diffusion.diffusion.loop import linear_guidance_scales
+
+    sigmas = torch.tensor([14.6146, 7.3073, 0.0])
+    g = linear_guidance_scales(2.0, 1.0, sigmas, 14.6146)
+    torch.testing.assert_close(g, torch.tensor([1.0, 1.5, 2.0]))
+    assert linear_guidance_scales(2.0, None, sigmas, 14.6146) == 2.0
+
+
+def test_linear_cfg_and_churn_in_the_loop(models):
+    comps = models["sd15"]
+    scheduler = EulerDiscreteScheduler.from_config(SHIPPED["sdxl-euler"][2])
+    unet = comps["unet"]
+    z_init, z_prior = _latents(0), _latents(1)
+    ehs = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(3))
+    constant = _run(unet, scheduler, z_init, z_prior, 0.0, guided=False, ehs=ehs,
+                    guidance_scale=2.0)
+    per_step = _run(unet, scheduler, z_init, z_prior, 0.0, guided=False, ehs=ehs,
+                    guidance_scale=torch.full((3,), 2.0))
+    assert torch.equal(constant, per_step)  # a constant table is the constant scale
+    varying = _run(unet, scheduler, z_init, z_prior, 0.0, guided=False, ehs=ehs,
+                   guidance_scale=torch.tensor([1.0, 1.5, 2.0]))
+    assert not torch.equal(varying, constant)
+    churned = _run(unet, scheduler, z_init, z_prior, 0.0, guided=False, ehs=ehs[:1],
+                   s_churn=5.0, s_noise=1.01)
+    plain = _run(unet, scheduler, z_init, z_prior, 0.0, guided=False, ehs=ehs[:1])
+    assert not torch.equal(churned, plain) and torch.isfinite(churned).all()
+    # The guidance still lands on the prior with churn.
+    full = _run(unet, scheduler, z_init, z_prior, 1.0, ehs=ehs[:1], s_churn=5.0, s_noise=1.01)
+    torch.testing.assert_close(full, z_prior, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="s_churn"):
+        _run(unet, DDIMScheduler.from_config(SHIPPED["sd21-ddim"][2]), z_init, z_prior, 0.0,
+             guided=False, ehs=ehs[:1], s_churn=5.0)

@@ -446,3 +446,45 @@ def test_default_is_same_size_restoration(sd15):
     assert out.images.shape[-2:] == out.prior_images.shape[-2:] == (13, 11)
     native = sd15(image, generator=_gen(), output_type="pt", stages=("prior",), upscale=None)
     assert native.images.shape[-2:] == (26, 22)
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "DDIMScheduler"])
+def test_full_consistency_returns_the_decoded_prior_latent_with_shipped_schedulers(sd15, name):
+    """SD 1.5 ships PNDM (and users pick DDIM) with set_alpha_to_one=False: w = 1 still gives
+    decode(z_prior) exactly."""
+    import diffusers
+
+    from raim_diffusion.diffusion.vae import encode_latents
+
+    original = sd15.scheduler
+    shipped = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+               "steps_offset": 1, "clip_sample": False}
+    sd15.scheduler = getattr(diffusers, name).from_config(shipped)
+    try:
+        out = sd15(_image(16, 16), generator=_gen(), output_type="pt", consistency_weight=1.0,
+                   consistency_schedule="constant", color_fix="none", vae_tile=0,
+                   stages=("prior", "generate"), num_inference_steps=10, strength=0.6)
+        z_prior = encode_latents(sd15.vae, out.prior_images)
+        torch.testing.assert_close(out.generated_images, decode_latents(sd15.vae, z_prior),
+                                   atol=1e-4, rtol=0)
+    finally:
+        sd15.scheduler = original
+
+
+def test_supir_sampler_options_reach_the_loop(sdxl):
+    from diffusers import EulerDiscreteScheduler
+
+    original = sdxl.scheduler
+    sdxl.scheduler = EulerDiscreteScheduler.from_config(original.config)
+    try:
+        common = dict(generator=_gen(), output_type="pt", stages=("prior", "generate"), **FAST)
+        plain = sdxl(_image(8, 8), **common)
+        linear = sdxl(_image(8, 8), guidance_scale_start=1.0, **{**common, "generator": _gen()})
+        churn = sdxl(_image(8, 8), s_churn=5.0, s_noise=1.01, **{**common, "generator": _gen()})
+        supir = sdxl(_image(8, 8), consistency_schedule="supir",
+                     consistency_schedule_kwargs={"tau": 4.0}, **{**common, "generator": _gen()})
+        for other in (linear, churn, supir):
+            assert not torch.equal(other.images, plain.images)
+    finally:
+        sdxl.scheduler = original

@@ -72,11 +72,11 @@ class DetectorConfig:
         contrast_threshold (`float`): a pixel is a candidate where the class-weighted similarity
             ``clip(c * w, 0, 1)`` is below this (0.7).
         area_threshold (`float`): minimum component area as a fraction of the image area
-            (strict ``>``). Default ``4000 / (480*480) = 0.01736``: DeSRA's 4000 px on the
-            480x480 images it was tuned on; scaled with ``H*W`` so a 4x larger image needs
-            a 4x larger component.
-        area_threshold_px (`float`, *optional*): absolute threshold in pixels; overrides
-            ``area_threshold`` (use 4000 to reproduce DeSRA exactly at any size).
+            (strict ``>``), used when ``area_threshold_px`` is `None`: the image-relative
+            variant. ``4000 / (480*480) = 0.01736`` is DeSRA's 4000 px on the 480x480 images
+            it was tuned on, scaled with ``H*W`` (52,000 px on a 2000x1500 image).
+        area_threshold_px (`float`, *optional*, defaults to 4000): absolute threshold in
+            pixels, DeSRA's own rule; `None` switches to the relative ``area_threshold``.
         class_weights (`str` or `Mapping[str, float]`): class table name (``"ade20k-desra"``,
             ``"uniform"``), YAML path, or ``{ADE20K class name: weight}``.
         segmenter (`str`): segmentation backend used when no ``labels`` are given: a SegFormer
@@ -100,7 +100,7 @@ class DetectorConfig:
     mode: str = "reference"
     contrast_threshold: float = 0.7
     area_threshold: float = DEFAULT_AREA_FRACTION
-    area_threshold_px: float | None = None
+    area_threshold_px: float | None = 4000.0
     class_weights: str | Mapping[str, float] = "ade20k-desra"
     segmenter: str = "nvidia/segformer-b5-finetuned-ade-640-640"
     segment: str = "generated"

@@ -221,6 +221,25 @@ def _power(
     return weight * (s / s[0].clamp_min(1e-12)).clamp(0.0, 1.0) ** power
 
 
+@register_consistency_schedule("supir")
+def _supir(
+    weight: float, progress: torch.Tensor, *, sigmas: torch.Tensor | None = None,
+    next_sigmas: torch.Tensor | None = None, sigma_max: float | None = None,
+    tau: float = 4.0, sigma_off: float = 0.05, **_: Any,
+) -> torch.Tensor:
+    # SUPIR's restoration-guided sampler: w·(σ/σ_max)^τ with σ_max the scheduler's training
+    # maximum (14.6146 for SD/SDXL), off once the next σ is <= 0.05.
+    if sigmas is None or next_sigmas is None or sigma_max is None:
+        raise ValueError("consistency_schedule='supir' needs the sigmas of the steps and the "
+                         "scheduler's sigma_max")
+    if not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"consistency_schedule_kwargs tau={tau!r} must be >= 0")
+    s = sigmas.detach().to("cpu", torch.float64)
+    nxt = next_sigmas.detach().to("cpu", torch.float64)
+    w = weight * (s / sigma_max).clamp(0.0, 1.0) ** tau
+    return torch.where(nxt > sigma_off, w, 0.0)
+
+
 @register_consistency_schedule("early")
 def _early(
     weight: float, progress: torch.Tensor, *, num_steps: int, early: float = 0.5, **_: Any
@@ -231,9 +250,13 @@ def _early(
     return torch.where(idx < early * num_steps, weight, 0.0)
 
 
+# What the loop passes every schedule (not settable by users).
+_CONTEXT_KEYWORDS = {"sigmas", "next_sigmas", "sigma_max", "num_steps"}
+
+
 def _schedule_keywords(fn: ScheduleFn) -> set[str]:
     params = inspect.signature(fn).parameters.values()
-    return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"sigmas", "num_steps"}
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - _CONTEXT_KEYWORDS
 
 
 def check_consistency_args(
@@ -267,6 +290,8 @@ def consistency_weights(
     num_steps: int,
     *,
     sigmas: torch.Tensor | None = None,
+    next_sigmas: torch.Tensor | None = None,
+    sigma_max: float | None = None,
     stop: float = 1.0,
     device: torch.device | str | None = None,
     **schedule_kwargs: Any,
@@ -283,6 +308,11 @@ def consistency_weights(
       steps. This is the library's own variant of SUPIR's (σ/σ_max)^τ: σ is normalised by the
       first step run rather than the training maximum, because img2img starts below it and
       (σ/σ_max)^4 would be almost 0 throughout.
+    - ``"supir"`` (keywords ``tau``, default 4, and ``sigma_off``, default 0.05): SUPIR's
+      restoration guidance, w·(σ_i/σ_max)^τ with σ_max the scheduler's training maximum
+      (14.6146 for SD/SDXL), and 0 once the next step's σ is <= ``sigma_off``. In img2img
+      σ_i starts below σ_max, so this is weak unless the strength is high; ``"power"`` is the
+      library's own first-step-relative variant.
     - ``"early"`` (keyword ``early``, default 0.5): w for the first ``early`` fraction of the
       steps, then 0.
 
@@ -292,7 +322,10 @@ def consistency_weights(
         schedule (`str`): a name in `CONSISTENCY_SCHEDULES`.
         weight (`float`): w, in [0, 1].
         num_steps (`int`): number of steps run.
-        sigmas (`torch.Tensor`, *optional*): EDM sigma (σ/α) of each step, needed by `"power"`.
+        sigmas (`torch.Tensor`, *optional*): EDM sigma (σ/α) of each step, needed by `"power"`
+            and `"supir"`.
+        next_sigmas (`torch.Tensor`, *optional*): EDM sigma after each step (`"supir"`).
+        sigma_max (`float`, *optional*): the scheduler's largest training sigma (`"supir"`).
         stop (`float`, defaults to 1.0): fraction of the steps after which guidance is off.
         device: device of the result.
         **schedule_kwargs: the schedule's own parameters (``power=``, ``early=``).
@@ -306,6 +339,7 @@ def consistency_weights(
     idx = torch.arange(num_steps, dtype=torch.float64)
     progress = idx / max(num_steps - 1, 1)
     fn = CONSISTENCY_SCHEDULES[schedule]
-    w = fn(weight, progress, sigmas=sigmas, num_steps=num_steps, **schedule_kwargs)
+    w = fn(weight, progress, sigmas=sigmas, next_sigmas=next_sigmas, sigma_max=sigma_max,
+           num_steps=num_steps, **schedule_kwargs)
     w = torch.where(idx < stop * num_steps, w, 0.0)
     return w.to(device=device, dtype=torch.float32)

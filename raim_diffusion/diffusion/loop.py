@@ -21,7 +21,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..tiling import TileGrid
-from .guidance import apply_consistency, scheduler_alpha_sigma
+from .guidance import apply_consistency, predict_x0, scheduler_alpha_sigma
 
 __all__ = [
     "add_noise",
@@ -73,6 +73,48 @@ def step_sigmas(scheduler, timesteps: torch.Tensor, begin_index: int = 0) -> tor
     return sigma / alpha
 
 
+def next_step_sigmas(
+    scheduler, timesteps: torch.Tensor, begin_index: int = 0
+) -> torch.Tensor:
+    """EDM sigma after each step (the next step's, and the scheduler's final one after the last),
+    float32 on the CPU."""
+    n = len(timesteps)
+    table = getattr(scheduler, "sigmas", None)
+    if isinstance(table, torch.Tensor) and len(table) == len(scheduler.timesteps) + 1:
+        return table[begin_index + 1 : begin_index + n + 1].detach().float().cpu()
+    current = step_sigmas(scheduler, timesteps, begin_index)
+    final_abar = getattr(scheduler, "final_alpha_cumprod", None)
+    if final_abar is None:
+        final = torch.zeros(1)
+    else:
+        abar = torch.as_tensor(final_abar, dtype=torch.float64)
+        final = ((1 - abar) / abar).sqrt().float().reshape(1)
+    return torch.cat([current[1:], final])
+
+
+def scheduler_sigma_max(scheduler) -> float:
+    """The largest EDM sigma the scheduler was trained with (14.6146 for SD/SDXL's schedule)."""
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if isinstance(abar, torch.Tensor) and len(abar):
+        last = abar[-1].double()
+        return float(((1 - last) / last).sqrt())
+    sigma_max = scheduler.config.get("sigma_max")
+    if sigma_max is None:
+        raise ValueError(f"{type(scheduler).__name__} has neither alphas_cumprod nor sigma_max")
+    return float(sigma_max)
+
+
+def linear_guidance_scales(
+    guidance_scale: float, start: float | None, sigmas: torch.Tensor, sigma_max: float
+) -> torch.Tensor | float:
+    """SUPIR's linear CFG: ``g(σ) = (start − cfg)·σ/σ_max + cfg`` per step, or the constant
+    ``guidance_scale`` when ``start`` is `None`."""
+    if start is None:
+        return guidance_scale
+    s = sigmas.detach().to("cpu", torch.float64)
+    return ((start - guidance_scale) * s / sigma_max + guidance_scale).float()
+
+
 def add_noise(
     scheduler,
     latents: torch.Tensor,
@@ -118,13 +160,22 @@ def auto_latent_tile(
     return max(side, minimum)
 
 
-def _step_kwargs(scheduler, generator: Any, eta: float) -> dict[str, Any]:
+def _step_kwargs(
+    scheduler, generator: Any, eta: float, s_churn: float = 0.0, s_noise: float = 1.0
+) -> dict[str, Any]:
     params = set(inspect.signature(scheduler.step).parameters)
     kwargs: dict[str, Any] = {}
     if "eta" in params:
         kwargs["eta"] = eta
     if "generator" in params:
         kwargs["generator"] = generator
+    if s_churn or s_noise != 1.0:
+        if not {"s_churn", "s_noise"} <= params:
+            raise ValueError(
+                f"s_churn={s_churn} / s_noise={s_noise} (EDM churn) need a scheduler whose step "
+                f"takes them, such as EulerDiscreteScheduler; {type(scheduler).__name__} does not"
+            )
+        kwargs.update(s_churn=s_churn, s_noise=s_noise)
     return kwargs
 
 
@@ -148,7 +199,7 @@ def guided_denoise(
     encoder_hidden_states: torch.Tensor,
     z_prior: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | torch.Tensor = 1.0,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     timestep_cond: torch.Tensor | None = None,
     controlnet: torch.nn.Module | None = None,
@@ -160,6 +211,8 @@ def guided_denoise(
     tile_batch: int = 4,
     generator: torch.Generator | list[torch.Generator] | None = None,
     eta: float = 0.0,
+    s_churn: float = 0.0,
+    s_noise: float = 1.0,
     progress_bar: Callable | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], dict] | None = None,
 ) -> torch.Tensor:
@@ -175,7 +228,8 @@ def guided_denoise(
         z_prior (`torch.Tensor`, *optional*): the prior's latent, (N, 4, h, w).
         weights (`torch.Tensor`, *optional*): consistency weight of every step, see
             `consistency_weights`; no guidance when `None`.
-        guidance_scale (`float`, defaults to 1.0): classifier-free guidance scale (off at <= 1).
+        guidance_scale (`float` or `torch.Tensor`, defaults to 1.0): classifier-free guidance
+            scale, or one per step (SUPIR's linear CFG); off when every scale is <= 1.
         added_cond_kwargs (`dict`, *optional*): SDXL's ``text_embeds`` and ``time_ids``, laid
             out like ``encoder_hidden_states``.
         timestep_cond (`torch.Tensor`, *optional*): for UNets with ``time_cond_proj_dim``.
@@ -190,6 +244,8 @@ def guided_denoise(
         tile_batch (`int`, defaults to 4): tiles per UNet call.
         generator: for stochastic schedulers (Euler ancestral, DDPM, SDE solvers).
         eta (`float`, defaults to 0.0): DDIM's eta.
+        s_churn (`float`, defaults to 0.0), s_noise (`float`, defaults to 1.0): EDM churn
+            (Karras et al. 2022, Algorithm 2) of schedulers whose step takes them (Euler).
         progress_bar: ``pipeline.progress_bar``-like context manager factory taking ``total``.
         callback (`Callable`, *optional*): ``callback(i, t, latents) -> dict`` after each step;
             the dict may replace ``"latents"`` and ``"prompt_embeds"`` (the text embeddings,
@@ -199,7 +255,12 @@ def guided_denoise(
         `torch.Tensor`: the denoised latents.
     """
     num_steps = len(timesteps)
-    cfg = guidance_scale > 1.0
+    if isinstance(guidance_scale, torch.Tensor):
+        cfg = bool((guidance_scale > 1.0).any())  # once, before the loop
+        scales = guidance_scale.to(latents.device, torch.float32)
+    else:
+        cfg = guidance_scale > 1.0
+        scales = None
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     guided = z_prior is not None and weights is not None
     if guided:
@@ -227,7 +288,7 @@ def guided_denoise(
     if tile is not None and (tile < h or tile < w):
         overlap = tile // 4 if tile_overlap is None else tile_overlap
         grid = TileGrid(h, w, tile, overlap, weight="gaussian")
-    step_kwargs = _step_kwargs(scheduler, generator, eta)
+    step_kwargs = _step_kwargs(scheduler, generator, eta, s_churn, s_noise)
 
     def predict(x_in: torch.Tensor, t: torch.Tensor, i: int, control: torch.Tensor | None,
                 ehs: torch.Tensor, added: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -257,7 +318,8 @@ def guided_denoise(
         )[0]
         if cfg:
             uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            g = guidance_scale if scales is None else scales[i].to(out.dtype)
+            out = uncond + g * (cond - uncond)
         return out
 
     def predict_tiled(x_in: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
@@ -293,7 +355,18 @@ def guided_denoise(
             out = apply_consistency(
                 out, x_in, z_prior, weights[i], alphas[i], sigmas[i], prediction_type
             )
-        latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+        stepped = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+        if guided and i == num_steps - 1:
+            # Schedulers that stop above zero noise (DDIM and PNDM with set_alpha_to_one=False,
+            # as SD ships them) re-noise the last x̂0 to alphas_cumprod[0], and PNDM also mixes
+            # earlier steps' ε in. The guidance applies to that remainder too: the result moves
+            # by w towards the last guided x̂0, so w = 1 lands on z_prior with every scheduler,
+            # w = 0 is left bit for bit, and schedulers that end at σ = 0 barely move.
+            w = weights[i]
+            x0 = predict_x0(out, x_in, alphas[i], sigmas[i], prediction_type)
+            pulled = stepped.float() + w * (x0 - stepped.float())
+            stepped = torch.where(w > 0, pulled.to(stepped.dtype), stepped)
+        latents = stepped
         if callback is not None:
             replaced = callback(i, t, latents) or {}
             latents = replaced.get("latents", latents)

@@ -77,6 +77,7 @@ class GenerateConfig:
     num_inference_steps: int | None = None
     strength: float | None = None
     guidance_scale: float | None = None
+    guidance_scale_start: float | None = None  # SUPIR's linear CFG start (at sigma_max)
     consistency_weight: float | None = None
     consistency_schedule: str | None = None
     consistency_stop: float | None = None
@@ -90,6 +91,8 @@ class GenerateConfig:
     control_guidance_start: float | None = None
     control_guidance_end: float | None = None
     eta: float | None = None
+    s_churn: float | None = None  # EDM churn (Euler schedulers)
+    s_noise: float | None = None
 
 
 @dataclass
