@@ -33,6 +33,7 @@ from spandrel import ImageModelDescriptor, ModelTiling, SizeRequirements
 from raim_diffusion.errors import MissingWeightsError
 from raim_diffusion.images import check_unit_range
 from raim_diffusion.ops import pad, resize, scaled_size
+from raim_diffusion.prior.head import RefinementHead
 from raim_diffusion.tiling import tiled_apply
 
 logger = logging.get_logger(__name__)
@@ -249,9 +250,13 @@ class PriorModel(ModelMixin, ConfigMixin):
         outscale (`float`, *optional*):
             Default output scale of ``forward``; `None` means the native scale. Set e.g. for
             the built-in ``realesr-animevideov3-x2``, an x4 network meant to give x2 output.
+        head ([`RefinementHead`], *optional*):
+            MiAlgo's learned blend, keyword only: when present, ``forward`` returns
+            ``(1 - alpha) * resize(x) + alpha * restoration`` with a per-pixel alpha predicted
+            from both. Saved and loaded with the prior (``config.head_config``).
     """
 
-    ignore_for_config = ["members"]
+    ignore_for_config = ["members", "head"]
     _supports_gradient_checkpointing = False
 
     @register_to_config
@@ -265,6 +270,7 @@ class PriorModel(ModelMixin, ConfigMixin):
         tile_weight: str = "gaussian",
         max_tile_batch: int = 4,
         outscale: float | None = None,
+        head: RefinementHead | None = None,
     ) -> None:
         super().__init__()
         if members is None:
@@ -301,7 +307,17 @@ class PriorModel(ModelMixin, ConfigMixin):
             input_channels=[m.input_channels for m in members],
             output_channels=[m.output_channels for m in members],
         )
+        self.head: RefinementHead | None = None
+        self.set_head(head)
         self._fix_member_dtypes()
+
+    def set_head(self, head: RefinementHead | None) -> None:
+        """Attach MiAlgo's refinement head (or remove it with ``None``); recorded in the config
+        so ``save_pretrained`` / ``from_pretrained`` keep it."""
+        if head is not None and not isinstance(head, RefinementHead):
+            raise TypeError(f"head must be a RefinementHead or None, got {type(head).__name__}")
+        self.head = head.eval().requires_grad_(False) if head is not None else None
+        self.register_to_config(head_config=dict(head.config) if head is not None else None)
 
     # ------------------------------------------------------------------ construction
 
@@ -406,6 +422,15 @@ class PriorModel(ModelMixin, ConfigMixin):
         # A default output scale survives only if every prior agrees on it.
         outscales = {p.config.outscale for p in priors}
         kwargs.setdefault("outscale", outscales.pop() if len(outscales) == 1 else None)
+        heads = [p.head for p in priors if p.head is not None]
+        if len(priors) == 1:
+            kwargs.setdefault("head", priors[0].head)
+        elif heads:
+            # A head learned the blend of one restorer's output; it does not fit an ensemble's.
+            logger.warning(
+                f"{len(heads)} of the {len(priors)} ensembled priors have a refinement head; "
+                "heads are not applied to an ensemble"
+            )
         return cls(members=members, weights=flat, **kwargs)
 
     @classmethod
@@ -461,8 +486,12 @@ class PriorModel(ModelMixin, ConfigMixin):
         architectures = list(config.get("architectures") or [])
         scales = list(config.get("scales") or [])
         per_member: dict[int, dict[str, torch.Tensor]] = {}
+        head_state: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
             prefix, _, rest = key.partition(".")
+            if prefix == "head" and rest:
+                head_state[rest] = value
+                continue
             index, _, name = rest.partition(".")
             if prefix != "members" or not index.isdigit() or not name:
                 raise ValueError(f"{source}: unexpected tensor {key!r} in the prior's weights")
@@ -492,6 +521,7 @@ class PriorModel(ModelMixin, ConfigMixin):
             tile_weight=config.get("tile_weight", "gaussian"),
             max_tile_batch=config.get("max_tile_batch", 4),
             outscale=config.get("outscale"),
+            head=_load_head(config.get("head_config"), head_state, source),
         )
         device = _single_device(device_map)
         if device is not None or dtype is not None:
@@ -683,11 +713,28 @@ class PriorModel(ModelMixin, ConfigMixin):
                 y = self._auto_tiled(x)
             if outscale is not None:
                 y = resize(y, scaled_size((h, w), outscale))
+            if self.head is not None:
+                y = self._apply_head(x, y)
         if not torch.is_inference_mode_enabled():
             # Inference tensors cannot be modified in place or saved for backward outside
             # inference mode; one copy makes the result an ordinary tensor for later stages.
             y = y.clone()
         return y
+
+    def _apply_head(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """MiAlgo's blend of the resized input back into the restoration ``y``."""
+        head = self.head
+        param = next(head.parameters())
+        up = resize(x, tuple(y.shape[-2:]))
+        c, hc = y.shape[1], head.config.channels
+        lr_in, y_in = up, y
+        if c != hc:  # a gray image through an RGB head: the blend weights come from gray
+            lr_in, y_in = up.expand(-1, hc, -1, -1), y.expand(-1, hc, -1, -1)
+        alpha = head.alpha(
+            lr_in.to(device=param.device, dtype=param.dtype),
+            y_in.to(device=param.device, dtype=param.dtype),
+        ).to(device=y.device, dtype=y.dtype)
+        return torch.lerp(up, y, alpha).clamp_(0, 1)
 
     def _auto_tiled(self, x: torch.Tensor) -> torch.Tensor:
         tile = self._auto_tile(x)
@@ -702,6 +749,23 @@ class PriorModel(ModelMixin, ConfigMixin):
                 torch.cuda.empty_cache()
                 tile = self._round_tile(smaller, align=8)
                 logger.warning(f"out of memory in the prior; retrying with {tile}px tiles")
+
+
+def _load_head(
+    head_config: dict[str, Any] | None, state: dict[str, torch.Tensor], source: str
+) -> RefinementHead | None:
+    """The refinement head recorded in a saved prior, or ``None``."""
+    if not head_config:
+        if state:
+            raise ValueError(f"{source}: head tensors in the weights but no head_config")
+        return None
+    config = {k: v for k, v in dict(head_config).items() if not str(k).startswith("_")}
+    try:
+        head = RefinementHead(**config)
+        head.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{source}: its refinement head does not load ({err})") from err
+    return head
 
 
 def _normalise_weights(weights: Sequence[float] | None, count: int) -> list[float]:

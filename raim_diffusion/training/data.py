@@ -1,4 +1,4 @@
-"""Training data: random crops of a folder of high-quality images, in a reproducible order.
+"""Training data: random crops of HQ folders or of LQ/GT pairs, in a reproducible order.
 
 Crops and flips of item ``i`` in epoch ``e`` come from a generator seeded with ``(seed, e, i)``,
 and the order of an epoch from a generator seeded with ``(seed, e)``. Nothing depends on worker
@@ -9,7 +9,7 @@ uninterrupted one (the trainer just skips the batches it already consumed).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +21,8 @@ from raim_diffusion.images import load_image
 
 __all__ = [
     "HQImageDataset",
+    "PairedCropDataset",
+    "find_pairs",
     "EpochSampler",
     "make_dataloader",
     "pad_to_min_size",
@@ -134,6 +136,9 @@ class EpochSampler(Sampler[int]):
         rank: this process.
         batch_size: per-process batch size; the epoch is cut to whole batches.
         start_batch: batches of this epoch to skip (used when resuming).
+        first_step: when given, yield ``(index, step)`` with the training step of each item's
+            batch (``first_step`` for the first batch yielded), for data sets whose items
+            depend on the step (multi-phase data mixes).
     """
 
     def __init__(
@@ -146,10 +151,12 @@ class EpochSampler(Sampler[int]):
         rank: int = 0,
         batch_size: int = 1,
         start_batch: int = 0,
+        first_step: int | None = None,
     ) -> None:
         self.length, self.seed, self.epoch = length, seed, epoch
         self.num_replicas, self.rank = num_replicas, rank
         self.batch_size, self.start_batch = batch_size, start_batch
+        self.first_step = first_step
 
     @staticmethod
     def batches_per_epoch(length: int, num_replicas: int, batch_size: int) -> int:
@@ -163,8 +170,13 @@ class EpochSampler(Sampler[int]):
         mine = perm[self.rank :: self.num_replicas][: n * self.batch_size]
         return mine[self.start_batch * self.batch_size :]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        indices = self._indices()
+        if self.first_step is None:
+            return iter(indices)
+        return iter(
+            (index, self.first_step + pos // self.batch_size) for pos, index in enumerate(indices)
+        )
 
     def __len__(self) -> int:
         n = self.batches_per_epoch(self.length, self.num_replicas, self.batch_size)
@@ -182,6 +194,7 @@ def make_dataloader(
     rank: int = 0,
     start_batch: int = 0,
     pin_memory: bool = False,
+    first_step: int | None = None,
 ) -> DataLoader:
     """DataLoader over one epoch of ``dataset`` (drop-last batches, reproducible order).
 
@@ -195,6 +208,7 @@ def make_dataloader(
         rank: this process.
         start_batch: batches to skip at the start of the epoch.
         pin_memory: pin host memory (for GPU training).
+        first_step: tag items with their training step (see [`EpochSampler`]).
 
     Returns:
         A ``DataLoader`` yielding ``(batch_size, 3, crop, crop)`` tensors.
@@ -213,6 +227,7 @@ def make_dataloader(
         rank=rank,
         batch_size=batch_size,
         start_batch=start_batch,
+        first_step=first_step,
     )
     return DataLoader(
         dataset,
@@ -223,3 +238,139 @@ def make_dataloader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def find_pairs(
+    lq_dir: str | os.PathLike, gt_dir: str | os.PathLike
+) -> list[tuple[Path, Path]]:
+    """LQ/GT image pairs of two folders, matched by file name without extension.
+
+    Raises:
+        FileNotFoundError: a folder holds no images.
+        ValueError: the names do not match one to one (the message lists examples).
+    """
+    lq = {p.stem: p for p in find_images(lq_dir)}
+    gt = {p.stem: p for p in find_images(gt_dir)}
+    for name, found, root in (("LQ", lq, lq_dir), ("GT", gt, gt_dir)):
+        if not found:
+            raise FileNotFoundError(f"no {name} images found in {str(root)!r}")
+    only_lq, only_gt = sorted(set(lq) - set(gt)), sorted(set(gt) - set(lq))
+    if only_lq or only_gt:
+        raise ValueError(
+            f"LQ folder {str(lq_dir)!r} and GT folder {str(gt_dir)!r} must hold the same file "
+            f"names: {len(only_lq)} LQ without GT (e.g. {only_lq[:3]}), {len(only_gt)} GT "
+            f"without LQ (e.g. {only_gt[:3]})"
+        )
+    return [(lq[k], gt[k]) for k in sorted(lq)]
+
+
+class PairedCropDataset(Dataset):
+    """Aligned random crops of LQ/GT pairs and/or GT crops of HQ photos to degrade on the fly.
+
+    Every item is a dict: ``gt`` ``(3, crop, crop)``, ``lq`` ``(3, crop/scale, crop/scale)``
+    (zeros for synthetic items, which the trainer degrades on the device), ``synthetic`` (0/1)
+    and ``weak`` (0/1: use the weak degradation). Items are keyed ``(index, step)`` (see
+    [`EpochSampler`]'s ``first_step``) so the paired share can change with the training phase.
+
+    Args:
+        pairs: ``(lq_path, gt_path)`` pairs; GT must be ``scale`` times the LQ size.
+        hq_files: HQ photos for synthetic pairs.
+        crop_size: GT crop side, a multiple of ``scale``.
+        scale: GT size / LQ size.
+        paired_ratio: share of paired items when both kinds exist, or a function of the step.
+        weak_ratio: share of synthetic items to degrade weakly.
+        seed, hflip, vflip, rot90, length: as for [`HQImageDataset`].
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        hq_files: Sequence[Path],
+        crop_size: int,
+        scale: int = 1,
+        *,
+        paired_ratio: float | Callable[[int], float] = 0.5,
+        weak_ratio: float = 0.0,
+        seed: int = 0,
+        hflip: bool = True,
+        vflip: bool = False,
+        rot90: bool = False,
+        length: int | None = None,
+    ) -> None:
+        if not pairs and not hq_files:
+            raise ValueError("give paired LQ/GT folders, HQ photos, or both")
+        if crop_size % scale:
+            raise ValueError(f"data.crop_size={crop_size} must be a multiple of the scale {scale}")
+        self.pairs, self.hq_files = list(pairs), list(hq_files)
+        self.files = [gt for _, gt in self.pairs] + self.hq_files
+        self.crop_size, self.scale = int(crop_size), int(scale)
+        self._ratio = paired_ratio if callable(paired_ratio) else (lambda step: paired_ratio)
+        self.weak_ratio = float(weak_ratio)
+        self.seed = int(seed)
+        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
+        self.length = int(length) if length else len(self.files)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops ``__getitem__`` returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _load_pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lq_path, gt_path = self.pairs[i]
+        lq, gt = load_image(lq_path).tensor[0], load_image(gt_path).tensor[0]
+        lh, lw = lq.shape[-2:]
+        if gt.shape[-2:] != (lh * self.scale, lw * self.scale):
+            raise ValueError(
+                f"{gt_path.name}: GT is {gt.shape[-1]}x{gt.shape[-2]} but its LQ "
+                f"{lq_path.name} is {lw}x{lh}; at scale {self.scale} GT must be "
+                f"{lw * self.scale}x{lh * self.scale}"
+            )
+        return lq, gt
+
+    def check_first_pair(self) -> None:
+        """Load the first pair now, so a size mismatch is reported before training starts."""
+        if self.pairs:
+            self._load_pair(0)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, step = key if isinstance(key, tuple) else (key, 0)
+        g = torch.Generator().manual_seed(_mixed_seed(self.seed, self.epoch, index))
+        draws = torch.rand(2, generator=g)
+        use_pair = bool(self.pairs) and (
+            not self.hq_files or float(draws[0]) < float(self._ratio(step))
+        )
+        s, c = self.scale, self.crop_size
+        if use_pair:
+            lq, gt = self._load_pair(index % len(self.pairs))
+            lq = pad_to_min_size(lq, c // s, c // s)
+            gt = pad_to_min_size(gt, lq.shape[-2] * s, lq.shape[-1] * s)
+            h, w = lq.shape[-2:]
+            top = int(torch.randint(0, h - c // s + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - c // s + 1, (1,), generator=g))
+            lq = lq[:, top : top + c // s, left : left + c // s]
+            gt = gt[:, top * s : top * s + c, left * s : left * s + c]
+        else:
+            gt = load_image(self.hq_files[index % len(self.hq_files)]).tensor[0]
+            gt = pad_to_min_size(gt, c, c)
+            h, w = gt.shape[-2:]
+            top = int(torch.randint(0, h - c + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - c + 1, (1,), generator=g))
+            gt = gt[:, top : top + c, left : left + c]
+            lq = torch.zeros(gt.shape[0], c // s, c // s)
+        flips = torch.rand(3, generator=g)
+        for flag, p, op in (
+            (self.hflip, flips[0], lambda t: t.flip(-1)),
+            (self.vflip, flips[1], lambda t: t.flip(-2)),
+            (self.rot90, flips[2], lambda t: t.transpose(-2, -1)),
+        ):
+            if flag and p < 0.5:
+                lq, gt = op(lq), op(gt)
+        return {
+            "lq": lq.contiguous(),
+            "gt": gt.contiguous(),
+            "synthetic": torch.tensor(0 if use_pair else 1),
+            "weak": torch.tensor(int(float(draws[1]) < self.weak_ratio)),
+        }

@@ -412,7 +412,8 @@ class TrainingLoop:
 
     def _prepare_logs(self, resumed_step: int) -> None:
         """Create the logs, dropping rows past the resumed step (they will be redone)."""
-        for name, fields in (("metrics.csv", self.log_fields), ("val_metrics.csv", self.val_fields)):
+        logs = (("metrics.csv", self.log_fields), ("val_metrics.csv", self.val_fields))
+        for name, fields in logs:
             path = self.output_dir / name
             rows = []
             if path.is_file() and resumed_step > 0:
@@ -528,7 +529,9 @@ class TrainingLoop:
                     last["lr_g"] = logs["lr_g"]
                     row = {"step": self.step, "epoch": epoch, **last}
                     row["seconds"] = round(elapsed, 3)
-                    row["images_per_second"] = round(count * self.batch_size / max(elapsed, 1e-9), 3)
+                    row["images_per_second"] = round(
+                        count * self.batch_size / max(elapsed, 1e-9), 3
+                    )
                     if acc.is_main_process:
                         self._append_csv("metrics.csv", self.log_fields, row)
                         self._append_jsonl(row)

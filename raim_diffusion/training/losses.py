@@ -1,9 +1,11 @@
-"""Inpainting losses for the fusion network (spec §4, the Xhs-IAG recipe).
+"""Training losses of the fusion network (spec §4, the Xhs-IAG recipe) and of the prior (§9).
 
 - hole / valid L1 (STTN), with an eps in the denominators;
 - VGG19 perceptual and style (Gram) losses with AOT-GAN's or BasicSR's layer sets;
 - AOT-GAN's SM-PatchGAN discriminator trained with LSGAN on Gaussian-blurred soft mask labels, in
-  the paper's form (the released code's inconsistent form only behind a reproduction flag).
+  the paper's form (the released code's inconsistent form only behind a reproduction flag);
+- pixel L1 / L2, Real-ESRGAN's U-Net discriminator with spectral norm and the vanilla GAN loss
+  (prior training).
 
 Masks are ``(B, 1, H, W)`` with 1 = hole; images ``(B, 3, H, W)`` in [0, 1].
 """
@@ -34,6 +36,9 @@ __all__ = [
     "VGGFeatureExtractor",
     "PerceptualLoss",
     "SMPatchDiscriminator",
+    "UNetDiscriminatorSN",
+    "pixel_loss",
+    "vanilla_gan_loss",
     "gaussian_blur",
     "soft_mask_labels",
     "discriminator_loss",
@@ -96,6 +101,8 @@ class PerceptualConfig:
             meant for tests and the tiny config: the losses are then not perceptual at all.
         perceptual_layers: override the layer set's perceptual layers and their weights.
         style_layers: override the layer set's style layers and their weights.
+        use_input_norm: ImageNet-normalise the inputs of VGG19 (BasicSR's ``use_input_norm``;
+            Xhs-IAG's prior recipe turns it off).
     """
 
     layer_set: str = "aot"
@@ -103,6 +110,7 @@ class PerceptualConfig:
     allow_random_weights: bool = False
     perceptual_layers: dict[str, float] | None = None
     style_layers: dict[str, float] | None = None
+    use_input_norm: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +177,7 @@ class VGGFeatureExtractor(nn.Module):
         weights_path: VGG19 checkpoint (torchvision layout, ``features.<i>.weight``); default
             ``$TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth``.
         allow_random_weights: fall back to a seeded random initialisation when no file exists.
+        use_input_norm: ImageNet-normalise the input (otherwise VGG19 sees [0, 1] images).
 
     Raises:
         MissingWeightsError: no weights file and random weights not allowed.
@@ -179,8 +188,10 @@ class VGGFeatureExtractor(nn.Module):
         layers: list[str],
         weights_path: str | os.PathLike | None = None,
         allow_random_weights: bool = False,
+        use_input_norm: bool = True,
     ) -> None:
         super().__init__()
+        self.use_input_norm = use_input_norm
         unknown = [name for name in layers if name not in VGG19_LAYERS]
         if unknown or not layers:
             raise ValueError(f"layers must be VGG19 layer names like 'relu3_1', got {layers!r}")
@@ -234,7 +245,7 @@ class VGGFeatureExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named activations of ``x`` (``(B, 3, H, W)`` in [0, 1])."""
-        h = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        h = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype) if self.use_input_norm else x
         out = {}
         for i, module in enumerate(self.features):
             h = module(h)
@@ -264,7 +275,9 @@ class PerceptualLoss(nn.Module):
         self.perceptual_layers = dict(cfg.perceptual_layers or preset["perceptual"])
         self.style_layers = dict(cfg.style_layers or preset["style"])
         names = sorted(set(self.perceptual_layers) | set(self.style_layers), key=VGG19_LAYERS.index)
-        self.vgg = VGGFeatureExtractor(names, cfg.weights_path, cfg.allow_random_weights)
+        self.vgg = VGGFeatureExtractor(
+            names, cfg.weights_path, cfg.allow_random_weights, cfg.use_input_norm
+        )
 
     def forward(
         self, pred: torch.Tensor, target: torch.Tensor
@@ -323,6 +336,96 @@ class SMPatchDiscriminator(ModelMixin, ConfigMixin):
         # AOT trains on [-1, 1] images.
         y = self.layers(x * 2 - 1)
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+
+# --------------------------------------------------------------------------------------------
+# prior training: pixel loss, U-Net discriminator, vanilla GAN
+# --------------------------------------------------------------------------------------------
+
+
+def pixel_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Mean ``"l1"`` or ``"l2"`` (squared error) between ``pred`` and ``target``."""
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    raise ValueError(f"pixel loss must be 'l1' or 'l2', got {kind!r}")
+
+
+class UNetDiscriminatorSN(ModelMixin, ConfigMixin):
+    """Real-ESRGAN's U-Net discriminator with spectral norm (BasicSR ``UNetDiscriminatorSN``).
+
+    conv0 3x3 (bias); three 4x4 stride-2 spectral-norm convolutions C->2C->4C->8C; three times a
+    bilinear x2 upsampling and a 3x3 spectral-norm convolution back to 4C, 2C, C, each plus the
+    encoder feature of that size (skip connections); two more 3x3 spectral-norm convolutions;
+    a final 3x3 convolution to one channel. LeakyReLU 0.2 after every convolution but the last.
+    The output is a per-pixel realness logit map of the input's size.
+
+    Args:
+        in_channels: image channels.
+        base_channels: ``C`` (Real-ESRGAN: 64).
+        skip_connection: add the encoder features in the decoder.
+    """
+
+    @register_to_config
+    def __init__(
+        self, in_channels: int = 3, base_channels: int = 64, skip_connection: bool = True
+    ) -> None:
+        super().__init__()
+        c = base_channels
+        sn = nn.utils.parametrizations.spectral_norm
+        self.skip_connection = skip_connection
+        self.conv0 = nn.Conv2d(in_channels, c, 3, 1, 1)
+        self.conv1 = sn(nn.Conv2d(c, c * 2, 4, 2, 1, bias=False))
+        self.conv2 = sn(nn.Conv2d(c * 2, c * 4, 4, 2, 1, bias=False))
+        self.conv3 = sn(nn.Conv2d(c * 4, c * 8, 4, 2, 1, bias=False))
+        self.conv4 = sn(nn.Conv2d(c * 8, c * 4, 3, 1, 1, bias=False))
+        self.conv5 = sn(nn.Conv2d(c * 4, c * 2, 3, 1, 1, bias=False))
+        self.conv6 = sn(nn.Conv2d(c * 2, c, 3, 1, 1, bias=False))
+        self.conv7 = sn(nn.Conv2d(c, c, 3, 1, 1, bias=False))
+        self.conv8 = sn(nn.Conv2d(c, c, 3, 1, 1, bias=False))
+        self.conv9 = nn.Conv2d(c, 1, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Realness logits ``(B, 1, H, W)`` of ``x`` (``(B, C, H, W)`` in [0, 1], H and W
+        multiples of 8)."""
+        if x.shape[-2] % 8 or x.shape[-1] % 8:
+            raise ValueError(
+                f"UNetDiscriminatorSN needs a height and width divisible by 8, got {x.shape}"
+            )
+
+        def act(t: torch.Tensor) -> torch.Tensor:
+            return F.leaky_relu(t, 0.2)
+
+        def up(t: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)
+
+        x0 = act(self.conv0(x))
+        x1 = act(self.conv1(x0))
+        x2 = act(self.conv2(x1))
+        x3 = act(self.conv3(x2))
+        x4 = act(self.conv4(up(x3)))
+        if self.skip_connection:
+            x4 = x4 + x2
+        x5 = act(self.conv5(up(x4)))
+        if self.skip_connection:
+            x5 = x5 + x1
+        x6 = act(self.conv6(up(x5)))
+        if self.skip_connection:
+            x6 = x6 + x0
+        out = act(self.conv7(x6))
+        out = act(self.conv8(out))
+        return self.conv9(out)
+
+
+def vanilla_gan_loss(logits: torch.Tensor, target_is_real: bool) -> torch.Tensor:
+    """BasicSR's ``vanilla`` GAN loss: binary cross-entropy of logits against 1 or 0.
+
+    The generator uses ``vanilla_gan_loss(D(fake), True)``; the discriminator
+    ``vanilla_gan_loss(D(real), True) + vanilla_gan_loss(D(fake.detach()), False)``.
+    """
+    target = torch.ones_like(logits) if target_is_real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits, target)
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 71, sigma: float = 10.0) -> torch.Tensor:
