@@ -65,7 +65,8 @@ __all__ = [
 ]
 
 # Quality prompts in the spirit of SUPIR's defaults: describe a sharp, clean photograph and push
-# away from paintings, renders and the usual degradations.
+# away from paintings, renders and the usual degradations. No "text" in the negative prompt:
+# legible text is one of RAIM's scenarios, and SUPIR's own default has no such word.
 DEFAULT_PROMPT = (
     "a high quality, highly detailed, sharp professional photograph, realistic natural "
     "textures, fine details, clean, in focus, 8k"
@@ -73,7 +74,7 @@ DEFAULT_PROMPT = (
 DEFAULT_NEGATIVE_PROMPT = (
     "painting, oil painting, illustration, drawing, art, sketch, cartoon, anime, CG, 3d render, "
     "blurry, out of focus, noisy, grainy, jpeg artifacts, compression artifacts, oversmoothed, "
-    "lowres, low quality, worst quality, watermark, text, signature, deformed, distorted"
+    "lowres, low quality, worst quality, watermark, signature, deformed, distorted"
 )
 
 # diffusers renamed ``torch_dtype`` to ``dtype`` (and deprecated the old name); use whichever

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 # Subcommand modules, in the order `raim --help` lists them.
-_COMMANDS = ("restore", "mask", "evaluate", "study", "train_fusion")
+_COMMANDS = ("restore", "mask", "evaluate", "study", "train_fusion", "train_prior", "presets")
 # Libraries whose log messages and download/loading bars are hidden unless --verbose.
 _CHATTY = ("diffusers", "transformers")
 
