@@ -4,8 +4,9 @@ The detector compares a generated image (diffusion / GAN output) with a faithful
 (the prior's output) and flags regions whose local contrast differs too much, with a tolerance
 that depends on the semantic class (textured classes may legitimately differ more).
 
-Reference mode reproduces DeSRA's ``artifact_detection.py`` step by step (see
-``specs/algorithms.md`` section 1):
+Reference mode reproduces DeSRA's detector (Xie et al., "DeSRA: Detect and Delete the Artifacts
+of GAN-based Real-World Super-Resolution Models", ICML 2023, arXiv:2307.02457; public code
+TencentARC/DeSRA, ``scripts/artifact_detection.py``) step by step:
 
 1. ``c`` = SSIM contrast term (11x11 Gaussian, sigma 1.5, ``C = (0.03*255)^2``), channel mean,
    valid mode (5 px cropped per side), float64, variances clamped at 0.

@@ -4,8 +4,9 @@ At every denoising step the model output (ε or v) is turned into the predicted 
 moved towards ``z_prior`` by ``x̂0 ← x̂0 + w(t)·(z_prior − x̂0)`` and turned back into an equivalent
 model output *for the same noisy latent*. The scheduler then steps as usual, so the same code
 works for every diffusers scheduler (DDIM, Euler, Euler ancestral, DPM-Solver++, UniPC, ...) and
-both prediction types. This is the "restoration guidance" of SUPIR (§5 of the algorithm spec)
-and the consistency-guided sampling of CGSD, expressed in diffusers' conventions.
+both prediction types. This is the restoration-guided sampling of SUPIR (Yu et al., "Scaling Up
+to Excellence", CVPR 2024, arXiv:2401.13627) and the consistency-guided sampling of So Elegant's
+CGSD (NTIRE 2024 RAIM report, arXiv:2405.09923), expressed in diffusers' conventions.
 
 Conventions: the UNet always sees the variance-preserving input ``x_in = α·x0 + σ·ε`` with
 ``α² + σ² = 1`` (``x_in = scheduler.scale_model_input(latents, t)``), and v = α·ε − σ·x0.

@@ -5,7 +5,7 @@ SDXL conditioning, optional ControlNet) and applies consistency guidance to the 
 every step (`raim_diffusion.diffusion.guidance`). With all weights 0 it reproduces
 ``StableDiffusionImg2ImgPipeline(..., output_type="latent")`` from the same noise.
 
-Large latents are processed in overlapping tiles. As in DiffBIR (§6 of the algorithm spec) the
+Large latents are processed in overlapping tiles. As in DiffBIR (Lin et al., arXiv:2308.15070) the
 tiles' *model outputs* are blended with Gaussian weights at every step and the scheduler update
 runs once on the whole latent, so the sampler sees one consistent image. All tiles of a step are
 stacked into batches of ``tile_batch`` tiles.

@@ -1,6 +1,7 @@
 """SRFormer: permuted self-attention (PSA) transformer for image restoration.
 
-Written from the description in ``specs/algorithms.md`` section 2. Parameter names follow the
+Written from the paper (Zhou et al., "SRFormer: Permuted Self-Attention for Single Image
+Super-Resolution", ICCV 2023, arXiv:2303.09735). Parameter names follow the
 official implementation (``conv_first``, ``layers.{i}.residual_group.blocks.{j}.attn.kv`` ...),
 so official checkpoints load after [`strip_official_buffers`] removes the buffers that the
 official code stores in its state dict (attention masks and index tables, which are rebuilt here).
