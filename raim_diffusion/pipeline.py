@@ -14,11 +14,11 @@ included) that ``RaimPipeline.from_pretrained`` reloads.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,7 @@ from .diffusion.loop import (
 from .diffusion.vae import auto_vae_tile, decode_latents, encode_latents
 from .errors import MissingWeightsError
 from .fusion import fuse, fusion_architecture
+from .hub import _load_cached_first, missing_weights_error
 from .images import to_numpy, to_pil, to_tensor
 from .ops import crop, pad_to_multiple, resize, scaled_size
 from .prior import PriorModel, load_prior
@@ -110,76 +111,6 @@ class RaimPipelineOutput(BaseOutput):
     masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     artifacts: ArtifactResult | None = None
     methods: dict[str, str] | None = None
-
-
-def missing_weights_error(model: str | os.PathLike, error: BaseException) -> MissingWeightsError:
-    """A `MissingWeightsError` that says which model was missing and how to provide it.
-
-    Every model the package loads (pipelines, ControlNets, segmenters, priors) reports a missing
-    model in this one format.
-
-    Args:
-        model (`str` or `os.PathLike`): the hub id or folder that failed to load.
-        error (`BaseException`): the original loading error.
-
-    Returns:
-        `MissingWeightsError`: to be raised ``from error``.
-    """
-    name = str(model)
-    if Path(name).exists():
-        return MissingWeightsError(
-            f"model {name}: the local folder is incomplete ({type(error).__name__}: "
-            f"{_first_line(error)}); it must hold a diffusers pipeline: model_index.json and "
-            "one folder per component with its config and weights"
-        )
-    return MissingWeightsError(
-        f"model {name} is not in the local Hugging Face cache and could not be downloaded "
-        f"({type(error).__name__}: {_first_line(error)}); download it with `hf download {name}` "
-        "(on a machine with internet access; copy the cache or set HF_HOME), or pass the path "
-        "of a local folder"
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else ""
-
-
-def _is_missing_weights(error: BaseException, model: str | os.PathLike) -> bool:
-    # Only loading failures that mean "the files are not there"; a corrupt file or a wrong
-    # config in an existing local folder must surface as it is.
-    if isinstance(error, FileNotFoundError):
-        return True
-    if isinstance(error, (OSError, ConnectionError)):
-        return not Path(str(model)).is_dir()
-    return False
-
-
-def _load_cached_first(load: Callable[..., Any], model: str | os.PathLike, **kwargs: Any) -> Any:
-    """``load(model, **kwargs)``, trying the local cache before the hub.
-
-    A hub id that is already cached loads without any network call, and an offline machine
-    fails fast on a missing model instead of after the hub client's retries. Missing weights
-    raise `MissingWeightsError` in the one format of `missing_weights_error`.
-    """
-    attempts = [kwargs]
-    if not Path(str(model)).is_dir() and not kwargs.get("local_files_only"):
-        attempts = [{**kwargs, "local_files_only": True}, kwargs]
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-            attempts = attempts[:1]
-    for n, attempt in enumerate(attempts, 1):
-        try:
-            return load(model, **attempt)
-        except (OSError, ConnectionError, ValueError) as err:
-            missing = _is_missing_weights(err, model) or (
-                isinstance(err, ValueError) and "local_files_only" in attempt
-                and not Path(str(model)).is_dir()
-            )
-            if not missing:
-                raise
-            if n == len(attempts):
-                raise missing_weights_error(model, err) from err
-    raise AssertionError("unreachable")
 
 
 def _uses_cfg(guidance_scale: float, guidance_scale_start: float | None) -> bool:
@@ -582,47 +513,26 @@ class RaimPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ checks
 
     @classmethod
-    def check_inputs(
-        cls,
-        *,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        strength: float = 0.5,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
-        guidance_scale_start: float | None = None,
-        consistency_weight: float = 0.5,
-        consistency_schedule: str = "cosine",
-        consistency_stop: float = 1.0,
-        consistency_schedule_kwargs: dict[str, Any] | None = None,
-        color_fix: str = "wavelet",
-        upscale: float | None = None,
-        input_blend: float = 0.0,
-        min_size: int | None = None,
-        tile: int | None = None,
-        tile_overlap: int | None = None,
-        vae_tile: int | None = None,
-        fusion_tile: int | None = None,
-        eta: float = 0.0,
-        s_churn: float = 0.0,
-        s_noise: float = 1.0,
-        output_type: str = "pil",
-        stages: Sequence[str] = STAGES,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        controlnet_conditioning_scale: float = 1.0,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
-        contrast_threshold: float | None = None,
-        area_threshold: float | None = None,
-        **unknown: Any,
-    ) -> None:
+    def check_inputs(cls, **arguments: Any) -> None:
         """Validate the settings of a call, before anything loads or runs.
 
         A classmethod, so that batch jobs check a whole run's settings before loading models.
-        Every error is a `ValueError` naming the argument, the value and what is allowed.
+        Takes any subset of ``__call__``'s keyword arguments; the others are ``__call__``'s
+        defaults (its signature is the one place they are written). Every error is a
+        `ValueError` naming the argument, the value and what is allowed.
         """
+        params = inspect.signature(cls.__call__).parameters
+        unknown = sorted(set(arguments) - set(params) - {"self", "image"})
         if unknown:
-            raise ValueError(f"unknown RaimPipeline arguments: {sorted(unknown)}")
+            raise ValueError(f"unknown RaimPipeline arguments: {unknown}")
+        a = {name: p.default for name, p in params.items() if p.default is not p.empty}
+        a.update(arguments)
+        prompt, negative_prompt = a["prompt"], a["negative_prompt"]
+        stages = a["stages"]
+        output_type = a["output_type"]
+        callback_on_step_end_tensor_inputs = a["callback_on_step_end_tensor_inputs"]
+        control_guidance_start = a["control_guidance_start"]
+        control_guidance_end = a["control_guidance_end"]
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             texts = [text] if isinstance(text, str) else text
             if texts is not None and not (
@@ -630,8 +540,9 @@ class RaimPipeline(DiffusionPipeline):
             ):
                 raise ValueError(f"{name}={text!r} must be a string or a list of strings")
 
-        def number(name: str, value: Any, lo: float, hi: float = math.inf, *,
-                   lo_open: bool = False, optional: bool = False, integer: bool = False) -> None:
+        def number(name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+                   optional: bool = False, integer: bool = False) -> None:
+            value = a[name]
             if value is None and optional:
                 return
             kind = int if integer else (int, float)
@@ -644,29 +555,29 @@ class RaimPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value!r} must be {what} {rng}"
                                  + (" or None" if optional else ""))
 
-        number("num_inference_steps", num_inference_steps, 1, integer=True)
-        number("strength", strength, 0.0, 1.0, lo_open=True)
-        number("guidance_scale", guidance_scale, 0.0)
-        number("guidance_scale_start", guidance_scale_start, 0.0, optional=True)
-        number("s_churn", s_churn, 0.0)
-        number("s_noise", s_noise, 0.0, lo_open=True)
-        check_consistency_args(consistency_weight, consistency_schedule, consistency_stop,
-                               consistency_schedule_kwargs)
-        if color_fix not in COLOR_FIXES:
+        number("num_inference_steps", 1, integer=True)
+        number("strength", 0.0, 1.0, lo_open=True)
+        number("guidance_scale", 0.0)
+        number("guidance_scale_start", 0.0, optional=True)
+        number("s_churn", 0.0)
+        number("s_noise", 0.0, lo_open=True)
+        check_consistency_args(a["consistency_weight"], a["consistency_schedule"],
+                               a["consistency_stop"], a["consistency_schedule_kwargs"])
+        if a["color_fix"] not in COLOR_FIXES:
             raise ValueError(
-                f"color_fix={color_fix!r} is not supported; use one of {tuple(COLOR_FIXES)}"
+                f"color_fix={a['color_fix']!r} is not supported; use one of {tuple(COLOR_FIXES)}"
             )
-        number("upscale", upscale, 0.0, 64.0, lo_open=True, optional=True)
-        number("input_blend", input_blend, 0.0, 1.0)
-        number("min_size", min_size, 1, integer=True, optional=True)
-        number("tile", tile, 0, integer=True, optional=True)
-        number("tile_overlap", tile_overlap, 0, integer=True, optional=True)
-        number("vae_tile", vae_tile, 0, integer=True, optional=True)
-        number("fusion_tile", fusion_tile, 1, integer=True, optional=True)
-        number("eta", eta, 0.0)
-        number("controlnet_conditioning_scale", controlnet_conditioning_scale, 0.0)
-        number("contrast_threshold", contrast_threshold, 0.0, 1.0, optional=True)
-        number("area_threshold", area_threshold, 0.0, optional=True)
+        number("upscale", 0.0, 64.0, lo_open=True, optional=True)
+        number("input_blend", 0.0, 1.0)
+        number("min_size", 1, integer=True, optional=True)
+        number("tile", 0, integer=True, optional=True)
+        number("tile_overlap", 0, integer=True, optional=True)
+        number("vae_tile", 0, integer=True, optional=True)
+        number("fusion_tile", 1, integer=True, optional=True)
+        number("eta", 0.0)
+        number("controlnet_conditioning_scale", 0.0)
+        number("contrast_threshold", 0.0, 1.0, optional=True)
+        number("area_threshold", 0.0, optional=True)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
                 f"output_type={output_type!r} is not supported; use one of {OUTPUT_TYPES}"
