@@ -431,6 +431,7 @@ class PriorTrainConfig:
 def load_prior_train_config(
     name_or_path: str | os.PathLike | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
+    init: str | os.PathLike | None = None,
 ) -> PriorTrainConfig:
     """Build a :class:`PriorTrainConfig` from defaults, a prior preset or YAML, and overrides.
 
@@ -438,11 +439,18 @@ def load_prior_train_config(
         name_or_path: prior preset name (``tiny``, ``xhs-iag-gan``, ``mialgo``, ``hit-iil``)
             or YAML path; ``None`` uses the dataclass defaults.
         overrides: dot-list strings (``["data.batch_size=4"]``) or a nested dict.
+        init: fine-tune these weights (built-in name, file or prior folder) instead of the
+            preset's architecture: sets ``model.weights`` and clears ``model.architecture``
+            and ``model.kwargs`` (``--init`` of ``raim train-prior``).
 
     Returns:
         The validated configuration.
     """
     out = _merge(PriorTrainConfig, name_or_path, overrides, "prior")
+    if init is not None:
+        out.model.weights = str(init)
+        out.model.architecture = None
+        out.model.kwargs = {}
     _validate_prior(out)
     return out
 

@@ -488,6 +488,7 @@ def train_prior(
     overrides: list[str] | dict[str, Any] | None = None,
     max_steps: int | None = None,
     resume: bool = False,
+    init: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train a prior: the Python form of ``raim train-prior``.
 
@@ -501,6 +502,8 @@ def train_prior(
         overrides: dot-list overrides (``["data.batch_size=4"]``); not with a config object.
         max_steps: overrides ``max_steps``.
         resume: continue from the newest checkpoint.
+        init: fine-tune these weights instead of the preset's architecture (built-in name,
+            file or prior folder).
 
     Returns:
         The [`TrainResult`]; ``first_val_metrics`` and ``val_metrics`` hold the validation of
@@ -513,11 +516,11 @@ def train_prior(
         ```
     """
     if isinstance(config, PriorTrainConfig):
-        if overrides:
-            raise ValueError("overrides apply to a preset name or file, not a config object")
+        if overrides or init is not None:
+            raise ValueError("overrides and init apply to a preset name or file, not a config")
         cfg = config
     else:
-        cfg = load_prior_train_config(config, overrides)
+        cfg = load_prior_train_config(config, overrides, init=init)
     trainer = PriorTrainer(
         cfg, output_dir, lq_dir=lq, gt_dir=gt, hq_dirs=data, val_lq_dir=val_lq, val_gt_dir=val_gt
     )
