@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,14 +89,17 @@ def _esrgan_kwargs(prior: PriorModel, scale: int) -> dict[str, Any]:
     state = desc.model.state_dict()
     first = next(v for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
     blocks = {k.split(".")[3] for k in state if k.startswith("model.1.sub.") and ".RDB1." in k}
+    shuffle = _SHUFFLE_FOR_SCALE[scale]
+    # spandrel's convention: ``scale`` is the body's upsampling, the true scale is
+    # scale / shuffle_factor, and the first convolution sees the unshuffled channels.
     return {
-        "in_nc": desc.input_channels,
+        "in_nc": desc.input_channels * shuffle**2,
         "out_nc": desc.output_channels,
         "num_filters": int(first.shape[0]),
         "num_blocks": len(blocks),
         "plus": any("conv1x1" in k for k in state),
-        "scale": scale,
-        "shuffle_factor": _SHUFFLE_FOR_SCALE.get(scale),
+        "scale": scale * shuffle,
+        "shuffle_factor": shuffle,
     }
 
 
@@ -112,12 +116,19 @@ def build_start_prior(model: PriorModelConfig) -> PriorModel:
     from raim_diffusion.prior.loading import load_prior
 
     if model.weights is None:
-        prior = PriorModel.from_architecture(model.architecture, **dict(model.kwargs))
+        try:
+            prior = PriorModel.from_architecture(model.architecture, **dict(model.kwargs))
+        except TypeError as err:
+            raise ValueError(
+                f"model.kwargs={dict(model.kwargs)} do not fit {model.architecture}: {err} "
+                "(overrides of model.kwargs merge into the preset's; list them all in a YAML)"
+            ) from err
         scale = prior.native_scale
         if model.scale is not None and model.scale != scale:
             raise ValueError(
                 f"model.scale={model.scale} but {model.architecture}({dict(model.kwargs)}) is "
-                f"x{scale}; set the architecture's own scale argument instead"
+                f"x{scale}; set the architecture's own arguments instead (a x1 RRDBNet is "
+                "ESRGAN with in_nc=48, scale=4, shuffle_factor=4)"
             )
         return prior
     prior = load_prior(model.weights)
@@ -418,7 +429,12 @@ class PriorTrainer(TrainingLoop):
                 self.backward_and_step(loss_d, self.disc, self.opt_d, self.sched_d)
                 logs["loss_d"] = loss_d.item()
             else:
-                self.sched_d.step()  # the schedule follows the step even while D rests
+                with warnings.catch_warnings():
+                    # The schedule follows the step while D rests; torch warns about the order.
+                    warnings.filterwarnings(
+                        "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                    )
+                    self.sched_d.step()
         self.update_ema()
         return logs
 
