@@ -16,6 +16,7 @@ from raim_diffusion.diffusion.supir import (
     tiny_supir_components,
     to_supir_state_dict,
 )
+from raim_diffusion.diffusion.supir_sampler import supir_image_size, supir_sample, supir_step_sigmas
 from raim_diffusion.testing import tiny_components
 
 
@@ -222,3 +223,77 @@ def test_components_save_and_load_pretrained(tmp_path, sdxl, supir):
         _unet(unet, x, supir_hints=hints, control_scale=0.7),
         _unet(supir.unet, x, supir_hints=hints, control_scale=0.7),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler
+
+
+def _sample_kwargs(x, **kw):
+    g = torch.Generator().manual_seed(11)
+    neg = {
+        "negative_prompt_embeds": torch.randn(1, 7, 64, generator=g),
+        "negative_added_cond_kwargs": x["added_cond_kwargs"],
+    }
+    return dict(
+        lq_latent=x["lq_latent"],
+        x_center=torch.randn(x["lq_latent"].shape, generator=g),
+        prompt_embeds=x["encoder_hidden_states"],
+        added_cond_kwargs=x["added_cond_kwargs"],
+        num_inference_steps=4,
+        **neg,
+        **kw,
+    )
+
+
+def test_step_sigmas_follow_the_legacy_schedule():
+    sigmas = supir_step_sigmas(50)
+    assert sigmas.shape == (51,) and sigmas[-1] == 0
+    assert abs(float(sigmas[0]) - 14.6146) < 1e-3
+    assert torch.all(sigmas[:-1] > sigmas[1:])
+    assert supir_image_size(300, 500) == (1024, 1728)
+    assert supir_image_size(1200, 1300, upscale=2) == (2432, 2624)
+
+
+@torch.no_grad()
+def test_restoration_weight_one_returns_the_stage1_latent(supir):
+    x = _inputs(seed=2, size=8)
+    kw = _sample_kwargs(x, restoration_weights=[1.0] * 4, s_churn=5.0)
+    out = supir_sample(supir.control, supir.unet, generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(out, kw["x_center"], rtol=0, atol=1e-5)
+    # SUPIR's own schedule leaves the last step unguided, so the result differs from x_center
+    kw = _sample_kwargs(x, restoration_tau=4.0)
+    out = supir_sample(supir.control, supir.unet, generator=torch.Generator().manual_seed(0), **kw)
+    assert (out - kw["x_center"]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_tiled_equals_untiled_when_one_tile_covers(supir):
+    x = _inputs(seed=4, size=8)
+    kw = _sample_kwargs(x, control_scale_start=0.3, restoration_tau=2.0)
+    untiled = supir_sample(
+        supir.control, supir.unet, generator=torch.Generator().manual_seed(1), **kw
+    )
+    tiled = supir_sample(
+        supir.control, supir.unet, generator=torch.Generator().manual_seed(1), tile_size=16, **kw
+    )
+    torch.testing.assert_close(tiled, untiled, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(untiled).all()
+
+
+@torch.no_grad()
+def test_tiled_sampler_covers_the_latent_with_overlapping_tiles(supir):
+    x = _inputs(seed=6, size=12)
+    kw = _sample_kwargs(x)
+    kw["num_inference_steps"] = 2
+    out = supir_sample(
+        supir.control,
+        supir.unet,
+        generator=torch.Generator().manual_seed(2),
+        tile_size=8,
+        tile_stride=4,
+        **kw,
+    )
+    assert out.shape == x["lq_latent"].shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="restoration_weights"):
+        supir_sample(supir.control, supir.unet, restoration_weights=[1.0], **_sample_kwargs(x))
