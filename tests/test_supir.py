@@ -16,7 +16,12 @@ from raim_diffusion.diffusion.supir import (
     tiny_supir_components,
     to_supir_state_dict,
 )
-from raim_diffusion.diffusion.supir_sampler import supir_image_size, supir_sample, supir_step_sigmas
+from raim_diffusion.diffusion.supir_sampler import (
+    supir_image_size,
+    supir_sample,
+    supir_stage1,
+    supir_step_sigmas,
+)
 from raim_diffusion.testing import tiny_components
 
 
@@ -297,3 +302,19 @@ def test_tiled_sampler_covers_the_latent_with_overlapping_tiles(supir):
     assert out.shape == x["lq_latent"].shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="restoration_weights"):
         supir_sample(supir.control, supir.unet, restoration_weights=[1.0], **_sample_kwargs(x))
+
+
+@torch.no_grad()
+def test_supir_stage1_then_sampler_end_to_end(sdxl, supir):
+    _, vae = sdxl
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    lq, center, x_stage1 = supir_stage1(
+        supir.denoise_encoder, vae, image, generator=torch.Generator().manual_seed(0)
+    )
+    assert lq.shape == center.shape == (1, 4, 8, 8)
+    assert x_stage1.shape == image.shape and x_stage1.min() >= 0 and x_stage1.max() <= 1
+    x = _inputs(seed=8, size=8)
+    kw = _sample_kwargs(x, restoration_tau=4.0)
+    kw.update(lq_latent=lq, x_center=center)
+    out = supir_sample(supir.control, supir.unet, generator=torch.Generator().manual_seed(0), **kw)
+    assert out.shape == lq.shape and torch.isfinite(out).all()

@@ -23,12 +23,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..tiling import blend_weights, tile_starts
-from .supir import SupirControlModel, SupirUNet2DConditionModel
+from .supir import SupirControlModel, SupirDenoiseEncoder, SupirUNet2DConditionModel
 
 __all__ = [
     "legacy_discrete_sigmas",
     "supir_image_size",
     "supir_sample",
+    "supir_stage1",
     "supir_step_sigmas",
 ]
 
@@ -80,6 +81,40 @@ def supir_image_size(
         k = min_size / min(h, w)
         h, w = h * k, w * k
     return max(unit, int(round(h / unit)) * unit), max(unit, int(round(w / unit)) * unit)
+
+
+@torch.no_grad()
+def supir_stage1(
+    denoise_encoder: SupirDenoiseEncoder,
+    vae: torch.nn.Module,
+    image: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SUPIR's own stage 1: control latent, stage-1 image and the guidance centre.
+
+    ``z_LQ = mode(E_denoise(LQ)) * s``, ``x_stage1 = Dec(z_LQ)``, ``x_center = sample(E(x_stage1))
+    * s`` (Yu et al., 2024, Sec. 3.2-3.4; SUPIR's ``batchify_sample``). To use a GAN prior as the
+    stage 1 instead, encode the prior's output with the VAE and pass it as ``x_center``.
+
+    Args:
+        denoise_encoder (`SupirDenoiseEncoder`): The degradation-robust encoder.
+        vae (`AutoencoderKL`): The SDXL VAE (SUPIR runs it in bf16; fp16 overflows).
+        image (`torch.Tensor`): LQ image ``(B, 3, H, W)`` in [0, 1], at SUPIR's working size
+            ([`supir_image_size`]).
+        generator (`torch.Generator`, *optional*): For the posterior sample of ``x_center``.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: ``lq_latent`` and ``x_center``
+        (scaled latents) and ``x_stage1`` (``(B, 3, H, W)`` in [0, 1], the colour-fix reference).
+    """
+    scale = vae.config.scaling_factor
+    vae_dtype = next(vae.parameters()).dtype
+    lq_latent = denoise_encoder.encode(image, vae)
+    decoded = vae.decode((lq_latent / scale).to(vae_dtype)).sample
+    x_stage1 = ((decoded.float() + 1) / 2).clamp(0, 1)
+    dist = vae.encode((x_stage1 * 2 - 1).to(vae_dtype)).latent_dist
+    x_center = dist.sample(generator=generator) * scale
+    return lq_latent.float(), x_center.float(), x_stage1
 
 
 def _batch(value: torch.Tensor, batch: int, name: str) -> torch.Tensor:
