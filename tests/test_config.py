@@ -79,7 +79,7 @@ def test_make_tiny_keeps_structure_and_swaps_models():
     assert make_tiny(load_config("sdxl")).tiny and not load_config("sdxl").tiny
     assert make_tiny(load_config("xhs-iag")).fuse.fusion == "tiny:fusion"
     hit = make_tiny(load_config("hit-iil"))
-    assert list(hit.prior.name) == ["tiny:prior-x4", "tiny:prior-x4"]
+    assert list(hit.prior.name) == ["tiny:prior-x2", "tiny:prior-x2"]  # two x1 weight files
     assert list(hit.prior.weights) == [0.8, 0.2]
     assert make_tiny(load_config("marshal")).generate.min_size == 256
 
@@ -151,7 +151,8 @@ def test_references_resolve_and_secrets_never_reach_the_config(tmp_path, monkeyp
 
 
 def test_schedule_parameters_go_through_one_argument():
-    config = load_config("xhs-iag")
-    assert call_kwargs(config)["consistency_schedule_kwargs"] == {"power": 4.0}
+    config = load_config("sdxl", ["generate.consistency_schedule=power",
+                                  "generate.consistency_schedule_kwargs={power: 4}"])
+    assert call_kwargs(config)["consistency_schedule_kwargs"] == {"power": 4}
     assert call_kwargs(load_config("mialgo"))["input_blend"] == 0.2
     assert call_kwargs(load_config("sdxl", ["fuse.tile=256"]))["fusion_tile"] == 256

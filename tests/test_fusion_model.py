@@ -164,3 +164,13 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         net(lq, mask, comp).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_xhs_iag_preset_is_the_reports_srformer():
+    """Window 24, embed 360, depths (6,6,6,6,6), heads 6, mlp 3 (NTIRE 2024 RAIM report)."""
+    with torch.device("meta"):
+        net = FusionNet.from_preset("xhs-iag")
+    cfg = net.config
+    assert (cfg.window_size, cfg.embed_dim, list(cfg.depths), cfg.num_heads, cfg.mlp_ratio) == (
+        24, 360, [6, 6, 6, 6, 6], 6, 3.0
+    )

@@ -30,6 +30,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "light": {"embed_dim": 60, "depths": (6, 6, 6, 6), "num_heads": 6, "window_size": 16},
     "base": {"embed_dim": 180, "depths": (6, 6, 6, 6, 6, 6), "num_heads": 6, "window_size": 24},
     "tiny": {"embed_dim": 16, "depths": (2,), "num_heads": 2, "window_size": 8},
+    # Xhs-IAG's fusion network as the NTIRE 2024 RAIM report gives it (trained on 144 px pairs).
+    "xhs-iag": {"embed_dim": 360, "depths": (6, 6, 6, 6, 6), "num_heads": 6, "window_size": 24,
+                "mlp_ratio": 3.0, "img_size": 144},
 }
 
 _ARCH_DEFAULTS: dict[str, Any] = {
