@@ -2,7 +2,9 @@
 
 Fusion networks are registered architectures (`FUSION_ARCHITECTURES`, name -> class); each
 implements ``fuse_images(generated, prior, lq_up, mask, *, tile, overlap)``. [`FusionNet`] (a 1x
-SRFormer, Xhs-IAG's) re-restores the masked regions from the low-quality input. Without a
+SRFormer, Xhs-IAG's) re-restores the masked regions from the low-quality input;
+[`AlignFusionNet`] (So Elegant's) warps the generated image to the prior's by deformable
+convolutions inside a feathered band around the mask. Without a
 network, [`pyramid_blend`] blends the prior in seam-free. `load_fusion` loads whichever
 registered architecture a saved folder holds.
 """
@@ -16,11 +18,14 @@ from pathlib import Path
 import torch
 
 from ..ops import resize
+from .align import ALIGN_PRESETS, AlignFusionNet
 from .blend import band_weight, pyramid_blend
 from .model import PRESETS, FusionNet, make_composite
 from .srformer import SRFormer, strip_official_buffers
 
 __all__ = [
+    "ALIGN_PRESETS",
+    "AlignFusionNet",
     "FUSION_ARCHITECTURES",
     "PRESETS",
     "FusionNet",
@@ -49,6 +54,7 @@ def register_fusion(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
 
 
 register_fusion(FusionNet)
+register_fusion(AlignFusionNet)
 
 
 def fusion_architecture(module: object) -> torch.nn.Module:
