@@ -18,11 +18,15 @@ import torch
 from diffusers.utils import logging
 from scipy import ndimage
 
-from ..errors import MissingWeightsError
+from ..errors import InvalidWeightsError
+from ..hub import extract_state_dict, missing_file_error, read_weights_file
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["SamRefiner", "build_sam"]
+
+_KIND = "SAM checkpoint"
+_RELEASES = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
 
 _SAM_CONFIGS = {
     # model type: (embed dim, depth, heads, global attention blocks)
@@ -154,7 +158,8 @@ class SamRefiner:
         """Load released SAM weights (``sam_vit_h_4b8939.pth`` ...) safely.
 
         ``.safetensors`` files are read with safetensors, ``.pth`` files with
-        ``torch.load(weights_only=True)`` (never arbitrary pickles).
+        ``torch.load(weights_only=True)`` (never arbitrary pickles). A fine-tuning checkpoint
+        that keeps the weights under ``model``, ``state_dict``, ... is accepted too.
 
         Args:
             path: the checkpoint file.
@@ -162,24 +167,44 @@ class SamRefiner:
                 already built ``Sam`` skeleton of the right size (custom / tiny models).
             device: where to run.
             **kwargs: :class:`SamRefiner` options.
+
+        Raises:
+            MissingWeightsError: the file does not exist.
+            InvalidWeightsError: the file is empty, truncated, damaged, a pickle of Python
+                objects, or not the weights of a SAM model of ``model_type``.
         """
         path = Path(path)
-        if not path.is_file():
-            raise MissingWeightsError(
-                f"SAM checkpoint '{path}' not found; download sam_<type>_*.pth from the "
-                "segment-anything release page and pass its path"
+        if not path.exists():
+            raise missing_file_error(
+                _KIND,
+                path,
+                "download sam_vit_h_4b8939.pth (or the vit_l / vit_b file) from "
+                f"{_RELEASES} and pass its path",
             )
+        state = extract_state_dict(read_weights_file(path, kind=_KIND), path, kind=_KIND)
         model = build_sam(model_type) if isinstance(model_type, str) else model_type
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"'{path}' does not hold weights of this SAM model: {exc}") from exc
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        reshaped = [
+            k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+        ]
+        if missing or unexpected or reshaped:
+            size = f"a {model_type}" if isinstance(model_type, str) else "this"
+            counts = ", ".join(
+                f"{len(keys)} {what} (e.g. {keys[0]!r})"
+                for keys, what in (
+                    (missing, "missing"),
+                    (unexpected, "unexpected"),
+                    (reshaped, "of another shape"),
+                )
+                if keys
+            )
+            raise InvalidWeightsError(
+                f"{_KIND} {path}: not the weights of {size} SAM model ({counts}); check "
+                "detect.sam_type (vit_h, vit_l or vit_b) against the file"
+            )
+        model.load_state_dict(state)
         if device is not None:
             model = model.to(device)
         return cls(model, **kwargs)

