@@ -11,6 +11,8 @@ other token ids -- which do not matter for random embeddings.
   SDXL at toy size.
 * :func:`random_components`: SD 1.5 / SDXL at full size with random weights (benchmarks).
 * :func:`tiny_prior`, :func:`tiny_segformer_segmenter`, :func:`tiny_sam`: the other stages.
+* :func:`tiny_supir_components`, :func:`tiny_supir_state_dict`, :func:`save_tiny_supir_checkpoint`:
+  SUPIR's adaptor for the tiny SDXL UNet, as modules or as a checkpoint in SUPIR's own layout.
 
 Example:
 
@@ -56,6 +58,13 @@ from transformers import (
 from .artifacts.sam import build_sam
 from .artifacts.segmentation import TransformersSegmenter
 from .artifacts.tables import ADE20K_CLASSES
+from .diffusion.supir import (
+    SupirComponents,
+    SupirControlModel,
+    SupirDenoiseEncoder,
+    SupirUNet2DConditionModel,
+    to_supir_state_dict,
+)
 from .prior import PriorModel
 
 __all__ = [
@@ -64,6 +73,7 @@ __all__ = [
     "TinyKind",
     "random_components",
     "save_tiny_pipeline",
+    "save_tiny_supir_checkpoint",
     "tiny_clip_tokenizer",
     "tiny_clip_vocabulary",
     "tiny_components",
@@ -71,6 +81,8 @@ __all__ = [
     "tiny_prior",
     "tiny_sam",
     "tiny_segformer_segmenter",
+    "tiny_supir_components",
+    "tiny_supir_state_dict",
 ]
 
 TinyKind = Literal["sd15", "sd2", "sdxl"]
@@ -396,6 +408,89 @@ def save_tiny_pipeline(path: str | os.PathLike, kind: TinyKind = "sd15", seed: i
         ):
             _write_tiny_clip_vocabulary(folder)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# SUPIR
+
+
+def tiny_supir_components(
+    unet: UNet2DConditionModel, vae: AutoencoderKL | None = None, seed: int = 0
+) -> SupirComponents:
+    """Random SUPIR components for a tiny SDXL UNet, with every connector and zero conv non-zero.
+
+    SUPIR zero-initialises its LQ convolution and its connectors' output convolutions; here they
+    get small random weights so that the adaptor actually changes the output (tests can see it).
+
+    Args:
+        unet (`UNet2DConditionModel`): A (tiny) SDXL UNet, e.g. ``tiny_components("sdxl")["unet"]``.
+        vae (`AutoencoderKL`, *optional*): Its VAE, to shape the denoise encoder like its encoder.
+        seed (`int`, *optional*, defaults to 0): Seed of the random weights.
+
+    Returns:
+        `SupirComponents`: Random components, in float32 on the CPU; ``unet`` shares ``unet``'s
+        weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        control = SupirControlModel.from_unet_config(unet.config)
+        supir_unet = SupirUNet2DConditionModel.from_unet(unet)
+        if vae is not None:
+            cfg = vae.config
+            encoder = SupirDenoiseEncoder(
+                in_channels=cfg.in_channels,
+                latent_channels=cfg.latent_channels,
+                block_out_channels=tuple(cfg.block_out_channels),
+                layers_per_block=cfg.layers_per_block,
+                norm_num_groups=cfg.norm_num_groups,
+                act_fn=cfg.act_fn,
+                mid_block_add_attention=cfg.get("mid_block_add_attention", True),
+            )
+        else:
+            encoder = SupirDenoiseEncoder(
+                block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4
+            )
+        with torch.no_grad():
+            for p in list(control.lq_conv_in.parameters()) + list(
+                supir_unet.project_modules.parameters()
+            ):
+                p.normal_(0.0, 0.05)
+    return SupirComponents(control=control.eval(), unet=supir_unet, denoise_encoder=encoder.eval())
+
+
+def tiny_supir_state_dict(
+    unet: UNet2DConditionModel, vae: AutoencoderKL | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """:func:`tiny_supir_components` as a checkpoint in SUPIR's own key layout
+    (``model.control_model.*``, ``model.diffusion_model.project_modules.*``,
+    ``first_stage_model.denoise_encoder.*``), the way ``SUPIR-v0Q.ckpt`` holds them; load it with
+    ``RaimPipeline.from_pretrained(..., supir=)``.
+    """
+    comps = tiny_supir_components(unet, vae, seed=seed)
+    return to_supir_state_dict(comps.control, comps.unet, comps.denoise_encoder)
+
+
+def save_tiny_supir_checkpoint(
+    path: str | os.PathLike,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write :func:`tiny_supir_state_dict` to ``path``: safetensors for ``.safetensors``, else a
+    Lightning-style pickle (``{"state_dict": ...}``, as SUPIR's ``.ckpt`` files are).
+
+    Returns:
+        `Path`: the file.
+    """
+    state = tiny_supir_state_dict(unet, vae, seed=seed)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

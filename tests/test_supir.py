@@ -13,7 +13,6 @@ from raim_diffusion.diffusion.supir import (
     SupirUNet2DConditionModel,
     ZeroSFT,
     load_supir,
-    tiny_supir_components,
     to_supir_state_dict,
 )
 from raim_diffusion.diffusion.supir_sampler import (
@@ -22,7 +21,7 @@ from raim_diffusion.diffusion.supir_sampler import (
     supir_stage1,
     supir_step_sigmas,
 )
-from raim_diffusion.testing import tiny_components
+from raim_diffusion.testing import tiny_components, tiny_supir_components
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,6 @@ __all__ = [
     "ZeroSFT",
     "load_supir",
     "load_supir_state_dict",
-    "tiny_supir_components",
     "to_supir_state_dict",
 ]
 
@@ -1047,46 +1046,3 @@ def load_supir(
         control=control, unet=supir_unet, denoise_encoder=encoder, unused_keys=unused
     )
 
-
-def tiny_supir_components(
-    unet: UNet2DConditionModel, vae: nn.Module | None = None, seed: int = 0
-) -> SupirComponents:
-    """Random SUPIR components for a tiny SDXL UNet, with every connector and zero conv non-zero.
-
-    For tests, notebooks and CPU demos (to move to ``raim_diffusion.testing``): the zero-initialised
-    convolutions get small random weights so the adaptor actually changes the output.
-
-    Args:
-        unet (`UNet2DConditionModel`): A (tiny) SDXL UNet, e.g. from
-            ``raim_diffusion.testing.tiny_components(kind="sdxl")``.
-        vae (`AutoencoderKL`, *optional*): Its VAE, to shape the denoise encoder like its encoder.
-        seed (`int`, *optional*, defaults to 0): Seed of the random weights.
-
-    Returns:
-        [`SupirComponents`]: Random components, in float32 on the CPU.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        control = SupirControlModel.from_unet_config(unet.config)
-        supir_unet = SupirUNet2DConditionModel.from_unet(unet)
-        if vae is not None:
-            cfg = vae.config
-            encoder = SupirDenoiseEncoder(
-                in_channels=cfg.in_channels,
-                latent_channels=cfg.latent_channels,
-                block_out_channels=tuple(cfg.block_out_channels),
-                layers_per_block=cfg.layers_per_block,
-                norm_num_groups=cfg.norm_num_groups,
-                act_fn=cfg.act_fn,
-                mid_block_add_attention=cfg.get("mid_block_add_attention", True),
-            )
-        else:
-            encoder = SupirDenoiseEncoder(
-                block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4
-            )
-        with torch.no_grad():
-            for p in list(control.lq_conv_in.parameters()) + list(
-                supir_unet.project_modules.parameters()
-            ):
-                p.normal_(0.0, 0.05)
-    return SupirComponents(control=control.eval(), unet=supir_unet, denoise_encoder=encoder.eval())
