@@ -238,6 +238,10 @@ def test_scale_mismatch_is_handled_for_rrdbnet_and_refused_otherwise(
     reused = [k for k in target if k in source and source[k].shape == target[k].shape]
     assert len(reused) == len(target) - 1  # all but the first convolution
     assert all(torch.equal(source[k], target[k]) for k in reused)
+    # The first convolution sees the unshuffled channels: x1 on x equals x4 on the box-downscaled
+    # x, up to the body's 3x3 kernels now working at a quarter of the resolution.
+    w1, w4 = target["model.0.weight"], source["model.0.weight"]
+    assert w1.shape[1] == 48 and torch.allclose(w1[:, :16].sum(1), w4[:, 0])
     compact = PriorModel.from_architecture("Compact", num_feat=8, num_conv=2, upscale=4)
     compact.save_pretrained(tmp_path / "c4")
     cfg = load_prior_train_config("tiny", ["model.scale=1"], init=tmp_path / "c4")

@@ -152,11 +152,19 @@ def build_start_prior(model: PriorModelConfig) -> PriorModel:
     source = desc.model.state_dict()
     fresh = [k for k, v in target.items() if k not in source or source[k].shape != v.shape]
     target.update({k: v for k, v in source.items() if k in target and k not in fresh})
+    first = next(k for k in target if k.endswith("weight") and target[k].ndim == 4)
+    r2 = kwargs["shuffle_factor"] ** 2
+    if first in fresh and source[first].shape[1] * r2 == target[first].shape[1]:
+        # pixel_unshuffle puts the r*r sub-pixels of colour c at channels c*r*r ... : spreading
+        # each colour's weights evenly over them makes the first layer see the box-downscaled
+        # image, so the start is the x4 network restoring a 1/r-size copy: sharp, not noise.
+        target[first] = source[first].repeat_interleave(r2, dim=1) / r2
+        fresh.remove(first)
     new.members[0].load_state_dict(target)
     logger.warning(
         f"{model.weights}: x{desc.scale} RRDBNet fine-tuned as a x{model.scale} pixel-unshuffle "
-        f"RRDBNet; {len(target) - len(fresh)} tensors reused, {len(fresh)} start fresh "
-        f"({', '.join(fresh[:4])})"
+        f"RRDBNet; {len(target) - len(fresh)} tensors reused (the first convolution spread over "
+        f"the unshuffled channels), {len(fresh)} start fresh"
     )
     return new
 
