@@ -1,4 +1,7 @@
-"""Real-ESRGAN second-order degradation, batched in torch (spec §7).
+"""Real-ESRGAN second-order degradation, batched in torch.
+
+From Wang et al., "Real-ESRGAN: Training Real-World Blind Super-Resolution with Pure Synthetic
+Data", ICCVW 2021 (arXiv:2107.10833).
 
 Everything runs on float RGB tensors in [0, 1], NCHW, on whatever device the input lives on.
 Randomness comes only from the ``torch.Generator`` passed in; small parameter draws happen on the

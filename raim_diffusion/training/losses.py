@@ -1,4 +1,7 @@
-"""Training losses of the fusion network (spec §4, the Xhs-IAG recipe) and of the prior (§9).
+"""Training losses of the fusion network and of the prior.
+
+The fusion recipe is Xhs-IAG's in the NTIRE 2024 RAIM report (arXiv:2405.09923); the prior's
+follow Real-ESRGAN (arXiv:2107.10833) and MiAlgo.
 
 - hole / valid L1 (STTN), with an eps in the denominators;
 - VGG19 perceptual and style (Gram) losses with AOT-GAN's or BasicSR's layer sets;

@@ -3,7 +3,8 @@
 Masks follow the library contract: float tensors ``(N, 1, H, W)`` in {0, 1}, 1 = hole (the region
 the fusion network must re-restore from the low-quality input).
 
-STTN shapes (spec §3) are drawn the way STTN's ``get_random_shape`` does, but rendered without
+STTN shapes (Zeng et al., "Learning Joint Spatial-Temporal Transformations for Video
+Inpainting", ECCV 2020) are drawn the way STTN's ``get_random_shape`` does, but rendered without
 matplotlib: the closed Bezier path is sampled densely, mapped into the canvas the way matplotlib's
 default axes would place it, and filled with ``cv2.fillPoly``. DeSRA-like blobs mimic the masks the
 stage-3 detector produces: a few irregular smooth regions, obtained by thresholding a smooth random
