@@ -244,3 +244,14 @@ def test_validation_metrics_are_those_of_raim_eval() -> None:
     ref = IQAMetrics("psnr,ssim", device="cpu")(b, a)
     assert ours == {k: float(v) for k, v in ref.items()}
     assert 20 < ours["psnr"] < 40 and 0 < ours["ssim"] < 1
+
+
+def test_xhs_iag_fusion_recipe_is_the_reports():
+    cfg = load_train_config("xhs-iag")
+    assert cfg.model.preset == "xhs-iag" and cfg.data.crop_size == 144
+    assert cfg.data.batch_size == 8 and cfg.max_steps == 172000 and cfg.optim.lr_g == 1e-4
+    loss = cfg.loss
+    assert (loss.valid, loss.hole, loss.perceptual, loss.style, loss.adversarial) == (
+        0.3, 0.01, 0.2, 150.0, 0.02
+    )
+    assert cfg.perceptual.layer_set == "aot" and cfg.perceptual.use_input_norm is False
