@@ -297,3 +297,43 @@ def test_pipeline_runs_with_the_alignment_network(tmp_path) -> None:
     assert out.images.shape == (1, 3, 32, 32) and torch.isfinite(out.images).all()
     expected = net.restore(out.generated_images, out.prior_images, out.masks)
     torch.testing.assert_close(out.images, expected, atol=1e-6, rtol=0)
+
+
+def test_train_fusion_with_the_tiny_align_preset(tmp_path) -> None:
+    from raim_diffusion.cli import main
+    from raim_diffusion.images import save_image
+    from raim_diffusion.training.align_trainer import AlignFusionTrainer
+    from raim_diffusion.training.config import load_train_config
+    from raim_diffusion.training.trainer import FusionTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    for i in range(2):
+        save_image(_photo(gen, 48)[None], tmp_path / "photos" / f"{i}.png")
+        item = synthesize_triplet(_photo(gen, 40), gen)
+        for key in ("s1", "s2", "gt"):
+            save_image(item[key][None], tmp_path / "real" / key / f"{i}.png")
+    config = load_train_config(
+        "tiny-align", ["data.samples_per_epoch=4", "val_crop_size=32", "val_max_images=1"]
+    )
+    assert config.model.architecture == "AlignFusionNet" and config.model.preset == "tiny"
+    with pytest.raises(ValueError, match="FusionTrainer trains"):
+        FusionTrainer(config, tmp_path / "photos", tmp_path / "wrong")
+    trainer = AlignFusionTrainer(
+        config, [tmp_path / "photos", tmp_path / "real"], tmp_path / "out",
+        val_dir=tmp_path / "photos",
+    )
+    assert len(trainer.dataset.triplets) == 2 and len(trainer.dataset.hq_files) == 2
+    result = trainer.train(3)
+    assert result.step == 3
+    net = load_fusion(result.model_dir)
+    assert type(net) is AlignFusionNet
+    rows = (tmp_path / "out" / "val_metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,psnr,ssim,psnr_s2,ssim_s2" and rows[-1].startswith("3,")
+    with pytest.raises(ValueError, match="model.architecture"):
+        load_train_config("tiny-align", ["model.architecture=Unet"])
+    # `raim train-fusion --config tiny-align` picks the alignment trainer.
+    argv = ["train-fusion", "--config", "tiny-align", "--data", str(tmp_path / "real"),
+            "--out", str(tmp_path / "cli"), "--max-steps", "2",
+            "--set", "data.samples_per_epoch=2"]
+    assert main(argv) == 0
+    assert type(load_fusion(tmp_path / "cli" / "fusion")) is AlignFusionNet

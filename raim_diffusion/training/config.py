@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from raim_diffusion.resources import data_dir
 from raim_diffusion.training.degradations import DegradationConfig
 from raim_diffusion.training.losses import PerceptualConfig
+from raim_diffusion.training.triplets import TripletConfig
 
 __all__ = [
     "ModelConfig",
@@ -39,8 +40,10 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    """The generator: a FusionNet preset plus optional overrides of its constructor arguments."""
+    """The generator: a fusion architecture (``FusionNet``, or ``AlignFusionNet`` trained on
+    triplets), its preset and optional overrides of its constructor arguments."""
 
+    architecture: str = "FusionNet"
     preset: str = "light"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -138,6 +141,7 @@ class TrainConfig:
         loss: loss weights.
         perceptual: the VGG19 feature extractor of the perceptual and style losses.
         optim: optimisers and learning-rate schedule.
+        triplets: synthetic triplets and the real/synthetic mix (``AlignFusionNet`` only).
         max_steps: optimisation steps.
         ema_decay: EMA decay of the generator (0 disables EMA; the raw generator is exported).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (passed to accelerate).
@@ -157,6 +161,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    triplets: TripletConfig = field(default_factory=TripletConfig)
     max_steps: int = 400_000
     ema_decay: float = 0.999
     mixed_precision: str = "no"
@@ -275,6 +280,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"masks.coverage must be [lo, hi], got {cfg.masks.coverage!r}")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas!r}")
+    if cfg.model.architecture not in ("FusionNet", "AlignFusionNet"):
+        raise ValueError(
+            "model.architecture must be 'FusionNet' or 'AlignFusionNet', got "
+            f"{cfg.model.architecture!r}"
+        )
+    cfg.triplets.check()
 
 
 # --------------------------------------------------------------------------------------------

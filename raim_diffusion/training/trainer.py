@@ -78,6 +78,12 @@ class FusionTrainer(TrainingLoop):
         accelerator: Accelerator | None = None,
     ) -> None:
         cfg = config
+        if cfg.model.architecture != "FusionNet":
+            raise ValueError(
+                f"FusionTrainer trains model.architecture=FusionNet, got "
+                f"{cfg.model.architecture!r} (AlignFusionNet: raim_diffusion.training."
+                "align_trainer.AlignFusionTrainer, which `raim train-fusion` picks)"
+            )
         super().__init__(
             config=cfg,
             seed=cfg.seed,

@@ -12,8 +12,13 @@ is drawn, the composite is GT outside the mask and LQ inside, and the network le
 the GT (hole/valid L1, VGG19 perceptual + style, SM-PatchGAN). Runs on one or many GPUs with
 `accelerate launch -m raim_diffusion.cli train-fusion ...`.
 
+With an AlignFusionNet preset (tiny-align, align: So Elegant's prior-guided deformable
+alignment) it trains on triplets instead: real s1/, s2/, gt/ folders and/or synthetic triplets
+of the HQ photos (I_s1 = blurred, noisy, JPEG'd GT; I_s2 = slightly warped and colour-shifted GT
+with diffusion-like failures planted inside the mask M), mapping (I_s2, I_s1, M) to GT.
+
 Writes OUT/checkpoints/step_*, OUT/metrics.csv, OUT/val_metrics.csv, OUT/val/ images and the
-final EMA generator in OUT/fusion (FusionNet.from_pretrained). --resume continues exactly.
+final EMA generator in OUT/fusion (raim_diffusion.fusion.load_fusion). --resume continues exactly.
 
 The perceptual loss needs the ImageNet VGG19 weights in $TORCH_HOME/hub/checkpoints/
 vgg19-dcbb9e9d.pth (or --set perceptual.weights_path=FILE).
@@ -33,14 +38,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         nargs="+",
         metavar="HQ_DIR",
-        help="folder(s) of high-quality training images",
+        help="folder(s) of high-quality training images (for AlignFusionNet presets also "
+        "folders of real triplets: s1/, s2/, gt/ and optional mask/ sub-folders)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
         "--config",
         default="default",
         metavar="YAML|NAME",
-        help="training preset name (tiny, default) or a YAML file (default: default)",
+        help="training preset name (tiny, default, tiny-align, align) or a YAML file "
+        "(default: default)",
     )
     parser.add_argument("--max-steps", type=int, metavar="N", help="override max_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -66,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
         if args.max_steps is not None and args.max_steps < 0:
             raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
         config = load_train_config(args.config, args.overrides)
-        trainer = FusionTrainer(config, args.data, args.out, val_dir=args.val)
+        if config.model.architecture == "AlignFusionNet":
+            from raim_diffusion.training.align_trainer import AlignFusionTrainer
+
+            trainer = AlignFusionTrainer(config, args.data, args.out, val_dir=args.val)
+        else:
+            trainer = FusionTrainer(config, args.data, args.out, val_dir=args.val)
         result = trainer.train(args.max_steps, resume=args.resume)
     except (RaimError, ValueError, FileNotFoundError) as err:
         print(f"raim train-fusion: error: {err}", file=sys.stderr)
