@@ -249,6 +249,23 @@ def test_triplet_folders(tmp_path) -> None:
         find_triplets(root)
 
 
+def test_synthetic_masks_from_the_detector(tmp_path) -> None:
+    from raim_diffusion.images import save_image
+
+    save_image(_photo(torch.Generator().manual_seed(5), 64)[None], tmp_path / "hq" / "a.png")
+    files = [tmp_path / "hq" / "a.png"]
+    items = {
+        source: TripletDataset([], files, 64, TripletConfig(mask_source=source), seed=2)[0]
+        for source in ("planted", "detector", "union")
+    }
+    planted, found, union = (items[k]["mask"] for k in ("planted", "detector", "union"))
+    assert torch.equal(items["planted"]["s2"], items["union"]["s2"])  # same triplet, other M
+    assert set(found.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(union, torch.maximum(planted, found))
+    with pytest.raises(ValueError, match="mask_source"):
+        TripletConfig(mask_source="sam").check()
+
+
 # ------------------------------------------------------------------------- training
 
 

@@ -65,6 +65,8 @@ class TripletConfig:
         kinds: planted failure kinds (`raim_diffusion.artifacts.planting.ARTIFACT_KINDS`).
         strength: amplitude of the planted failures (1 = clearly visible).
         real_ratio: share of real triplets when both triplet folders and HQ photos are given.
+        mask_source: M of synthetic triplets: ``"planted"`` (the planted region), ``"detector"``
+            (the DeSRA detector's mask on (I_s2, I_s1), as at inference) or ``"union"``.
     """
 
     s1_blur: list[float] = field(default_factory=lambda: [0.4, 1.2])
@@ -78,6 +80,7 @@ class TripletConfig:
     kinds: list[str] = field(default_factory=lambda: list(ARTIFACT_KINDS))
     strength: list[float] = field(default_factory=lambda: [0.6, 1.0])
     real_ratio: float = 0.5
+    mask_source: str = "planted"
 
     def check(self) -> None:
         """Raise `ValueError` naming the first field out of range."""
@@ -96,6 +99,11 @@ class TripletConfig:
         if not self.kinds or unknown:
             raise ValueError(
                 f"triplets.kinds must be a non-empty subset of {ARTIFACT_KINDS}, got {self.kinds}"
+            )
+        if self.mask_source not in ("planted", "detector", "union"):
+            raise ValueError(
+                "triplets.mask_source must be 'planted', 'detector' or 'union', got "
+                f"{self.mask_source!r}"
             )
         if not 0 <= self.real_ratio <= 1 or not 0 <= self.color_shift < 1:
             raise ValueError(
@@ -327,7 +335,12 @@ class TripletDataset(Dataset):
         h, w = gt.shape[-2:]
         top = int(torch.randint(0, h - c + 1, (1,), generator=g))
         left = int(torch.randint(0, w - c + 1, (1,), generator=g))
-        return synthesize_triplet(gt[:, top : top + c, left : left + c], g, self.config)
+        item = synthesize_triplet(gt[:, top : top + c, left : left + c], g, self.config)
+        if self.config.mask_source != "planted":
+            found = (self._mask_of(item["s2"], item["s1"]) > 0.5).float()
+            planted = item["mask"] if self.config.mask_source == "union" else 0 * found
+            item["mask"] = torch.maximum(found, planted)
+        return item
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(_mixed_seed(self.seed, self.epoch, index))
