@@ -461,11 +461,11 @@ def _folder_error(folder: Path, error: BaseException, kind: str, expected: str) 
         damaged = _first_damaged_safetensors(folder) or first_line(error)
     if damaged is not None:
         return InvalidWeightsError(f"{kind} {folder}: {damaged}")
-    match = re.search(r"no file named (\S+) found in directory (.+?)\.?$", text, re.M) or re.search(
-        r"(?:^|\s)(\S+) does not appear to have a file named (\S+?)\.?(?:\s|$)", text
-    )
-    if match or isinstance(error, FileNotFoundError):
-        components = _missing_components(folder)
+    match = re.search(
+        r"no file named (\S+?),?(?: or \S+?,?)* found in directory (.+?)\.?$", text, re.M
+    ) or re.search(r"(?:^|\s)(\S+) does not appear to have a file named (\S+?)\.?(?:\s|$)", text)
+    components = _missing_components(folder) if isinstance(error, OSError) else []
+    if match or components or isinstance(error, FileNotFoundError):
         if components:
             what = ", ".join(f"no {c}/ folder" for c in components)
             return _incomplete(kind, folder, f"{what}, which model_index.json lists", expected)
