@@ -4,6 +4,9 @@
 2. **generate**: SD 1.x/2.x or SDXL img2img from the prior's latent, with consistency guidance
    pulling every step's predicted clean latent towards it (optional tile ControlNet fed the
    prior's output, latent and VAE tiling for large images), then a colour fix against the prior.
+   With SUPIR's adaptor (``from_pretrained(..., supir=checkpoint)``), SUPIR's restoration-guided
+   EDM sampler instead, conditioned on the low-quality input, guided toward SUPIR's own stage-1
+   latent or the prior's, and colour-fixed against that stage-1 image.
 3. **detect**: artifact masks (DeSRA); hook, see `RaimPipeline.detect_artifacts`.
 4. **fuse**: re-restore the masked regions; hook, see `RaimPipeline.fuse_artifacts`.
 
@@ -33,6 +36,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .artifacts import ArtifactDetector, ArtifactResult, build_detector
 from .artifacts.segmentation import TransformersSegmenter
+from .diffusion import supir_sampler
 from .diffusion.color import COLOR_FIXES
 from .diffusion.color import color_fix as apply_color_fix
 from .diffusion.guidance import check_consistency_args, consistency_weights
@@ -46,6 +50,13 @@ from .diffusion.loop import (
     scheduler_sigma_max,
     step_sigmas,
 )
+from .diffusion.supir import (
+    SupirComponents,
+    SupirControlModel,
+    SupirDenoiseEncoder,
+    SupirUNet2DConditionModel,
+)
+from .diffusion.supir import load_supir as load_supir_components
 from .diffusion.vae import auto_vae_tile, decode_latents, encode_latents
 from .errors import MissingWeightsError
 from .fusion import fuse, fusion_architecture
@@ -82,6 +93,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 # the installed version understands.
 _DTYPE_KWARG = "dtype" if hasattr(_pipeline_utils, "_resolve_dtype") else "torch_dtype"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+SUPIR_STAGE1 = ("supir", "prior")
 
 
 @dataclass
@@ -165,13 +177,19 @@ class RaimPipeline(DiffusionPipeline):
             (`raim_diffusion.fusion.FUSION_ARCHITECTURES`, a `torch.compile` wrapper is fine);
             without it the prior is blended in with a Laplacian pyramid
             (``output.methods["fusion"] == "pyramid-blend"``).
+        supir_control (`SupirControlModel`, *optional*): SUPIR's control model; with it stage 2
+            is SUPIR's sampler and ``unet`` is a `SupirUNet2DConditionModel` (see
+            `load_supir`). SUPIR's weights are under SupPixel's non-commercial licence.
+        supir_denoise_encoder (`SupirDenoiseEncoder`, *optional*): SUPIR's degradation-robust
+            encoder (SUPIR's own stage 1 and the control input).
         default_prompt (`str`, *optional*): prompt used when none is given.
         default_negative_prompt (`str`, *optional*): negative prompt used when none is given.
     """
 
     # Order of first use; components that are None (or not nn.Modules) are skipped by diffusers.
     model_cpu_offload_seq = (
-        "prior->text_encoder->text_encoder_2->controlnet->unet->vae->segmenter->fusion"
+        "prior->text_encoder->text_encoder_2->supir_denoise_encoder->controlnet->supir_control"
+        "->unet->vae->segmenter->fusion"
     )
     _optional_components = [
         "vae",
@@ -185,6 +203,8 @@ class RaimPipeline(DiffusionPipeline):
         "controlnet",
         "segmenter",
         "fusion",
+        "supir_control",
+        "supir_denoise_encoder",
     ]
     _callback_tensor_inputs = ["latents", "z_prior", "prompt_embeds"]
 
@@ -201,6 +221,8 @@ class RaimPipeline(DiffusionPipeline):
         controlnet: ControlNetModel | None = None,
         segmenter: Any = None,
         fusion: Any = None,
+        supir_control: SupirControlModel | None = None,
+        supir_denoise_encoder: SupirDenoiseEncoder | None = None,
         default_prompt: str | None = None,
         default_negative_prompt: str | None = None,
     ) -> None:
@@ -217,6 +239,8 @@ class RaimPipeline(DiffusionPipeline):
             controlnet=controlnet,
             segmenter=segmenter,
             fusion=fusion,
+            supir_control=supir_control,
+            supir_denoise_encoder=supir_denoise_encoder,
         )
         self.register_to_config(
             default_prompt=DEFAULT_PROMPT if default_prompt is None else default_prompt,
@@ -237,6 +261,7 @@ class RaimPipeline(DiffusionPipeline):
         pretrained_model_name_or_path: str | os.PathLike,
         prior: PriorModel | str | os.PathLike | Sequence[Any] | None = None,
         controlnet: ControlNetModel | str | os.PathLike | None = None,
+        supir: str | os.PathLike | dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> RaimPipeline:
         """Load a SD 1.x/2.x/SDXL diffusers pipeline (hub id or folder) or a saved RAIM folder.
@@ -251,6 +276,10 @@ class RaimPipeline(DiffusionPipeline):
                 like ``"realesrgan-x4plus"``, a weights file, a folder, a list for an ensemble).
                 Overrides the prior saved in a RAIM folder.
             controlnet (*optional*): a `ControlNetModel`, or its hub id / folder.
+            supir (*optional*): a SUPIR checkpoint (``SUPIR-v0Q.ckpt`` / ``.safetensors``, or a
+                state dict in SUPIR's layout) to wire in over the SDXL model (see `load_supir`).
+                A saved RAIM folder with SUPIR reloads without it. SUPIR's weights are under
+                SupPixel's non-commercial licence; users bring their own.
             **kwargs: passed to `DiffusionPipeline.from_pretrained` (``torch_dtype``,
                 ``variant``, ``local_files_only``, ``cache_dir``, ...).
 
@@ -285,12 +314,59 @@ class RaimPipeline(DiffusionPipeline):
                 f"{', '.join(missing) or 'text encoder'}; it must hold a Stable Diffusion / SDXL "
                 "diffusers pipeline (model_index.json and one folder per component)"
             )
+        if supir is not None:
+            pipe.load_supir(supir)
+        elif pipe.supir_control is not None:
+            pipe._supir_dtypes()
         if pipe.prior is None:
             logger.warning(
                 "RaimPipeline has no prior: stage 1 falls back to a bicubic resize. Pass "
                 "prior='realesrgan-x4plus' (or any restorer) to from_pretrained."
             )
         return pipe
+
+    def load_supir(
+        self, checkpoint: str | os.PathLike | dict[str, torch.Tensor]
+    ) -> SupirComponents:
+        """Wire SUPIR's adaptor in over this pipeline's SDXL UNet and VAE; stage 2 becomes
+        SUPIR's sampler.
+
+        The checkpoint loads strictly (`raim_diffusion.diffusion.supir.load_supir`): ``unet``
+        becomes a `SupirUNet2DConditionModel` sharing the SDXL weights, and ``supir_control`` and
+        ``supir_denoise_encoder`` are registered, so ``save_pretrained`` writes them. With a
+        float16 UNet the VAE and the denoise encoder run in bfloat16 (SUPIR's VAE overflows in
+        float16).
+
+        Args:
+            checkpoint: ``SUPIR-v0Q.ckpt`` / ``.safetensors`` or a state dict in SUPIR's layout.
+
+        Returns:
+            `SupirComponents`: what was loaded (``unused_keys``: checkpoint keys outside SUPIR's
+            parts, such as the SDXL base it was trained on, not loaded).
+        """
+        if self.unet is None or self.vae is None:
+            raise ValueError("SUPIR needs an SDXL UNet and VAE; load an SDXL model first")
+        if self.controlnet is not None:
+            raise ValueError("SUPIR's control model replaces the ControlNet: load one or the other")
+        comps = load_supir_components(checkpoint, self.unet, vae=self.vae)
+        self.register_modules(
+            unet=comps.unet,
+            supir_control=comps.control,
+            supir_denoise_encoder=comps.denoise_encoder,
+        )
+        self._supir_dtypes()
+        logger.info("SUPIR loaded; %d checkpoint keys outside SUPIR's components were not used",
+                    len(comps.unused_keys))
+        return comps
+
+    def _supir_dtypes(self) -> None:
+        # SUPIR runs its VAE and denoise encoder in bfloat16: float16 overflows there.
+        # (nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast.)
+        if self.unet.dtype in (torch.float16, torch.bfloat16):
+            if self.unet.dtype == torch.float16 and self.vae is not None:
+                torch.nn.Module.to(self.vae, dtype=torch.bfloat16)
+            if self.supir_denoise_encoder is not None:
+                torch.nn.Module.to(self.supir_denoise_encoder, dtype=torch.bfloat16)
 
     # ------------------------------------------------------------------ properties
 
@@ -312,6 +388,14 @@ class RaimPipeline(DiffusionPipeline):
         missing = [name for name in ("vae", "unet", "scheduler") if getattr(self, name) is None]
         if self.text_encoder is None and self.text_encoder_2 is None:
             missing.append("text_encoder")
+        if self.supir_control is not None:
+            if self.supir_denoise_encoder is None:
+                missing.append("supir_denoise_encoder")
+            if not isinstance(self.unet, SupirUNet2DConditionModel):
+                missing.append("unet (a SupirUNet2DConditionModel)")
+            if self.controlnet is not None:
+                raise ValueError("SUPIR's control model replaces the ControlNet: this pipeline "
+                                 "holds both; remove one")
         if missing:
             raise ValueError(
                 f"stage 'generate' needs the components {missing}, which this pipeline lacks; "
@@ -445,9 +529,12 @@ class RaimPipeline(DiffusionPipeline):
         """Stage 1: the prior's restoration of ``x_lq`` at ``upscale`` times its size.
 
         With ``input_blend = a > 0`` the result is ``(1 - a)·prior + a·resize(x_lq)`` (MiAlgo's
-        fixed per-pixel blend of the input back into the restoration). Without a prior the
-        stage is a bicubic resize (`raim_diffusion.ops.resize`).
+        fixed per-pixel blend of the input back into the restoration), unless the prior holds
+        MiAlgo's learned blend head, which replaces the fixed blend. Without a prior the stage is
+        a bicubic resize (`raim_diffusion.ops.resize`).
         """
+        if self.prior is not None and self.prior.head is not None:
+            input_blend = 0.0  # the prior's learned head already blended the input back in
         size = scaled_size(tuple(x_lq.shape[-2:]), upscale)
         up = resize(x_lq, size) if (self.prior is None or input_blend > 0) else None
         if self.prior is None:
@@ -557,6 +644,11 @@ class RaimPipeline(DiffusionPipeline):
 
         number("num_inference_steps", 1, integer=True)
         number("strength", 0.0, 1.0, lo_open=True)
+        if int(a["num_inference_steps"] * a["strength"]) < 1:
+            raise ValueError(
+                f"strength={a['strength']!r} with num_inference_steps="
+                f"{a['num_inference_steps']!r} runs no denoising step; raise one of them"
+            )
         number("guidance_scale", 0.0)
         number("guidance_scale_start", 0.0, optional=True)
         number("s_churn", 0.0)
@@ -576,6 +668,12 @@ class RaimPipeline(DiffusionPipeline):
         number("fusion_tile", 1, integer=True, optional=True)
         number("eta", 0.0)
         number("controlnet_conditioning_scale", 0.0)
+        number("control_scale", 0.0)
+        number("control_scale_start", 0.0, optional=True)
+        if a["supir_stage1"] not in SUPIR_STAGE1:
+            raise ValueError(
+                f"supir_stage1={a['supir_stage1']!r} is not supported; use one of {SUPIR_STAGE1}"
+            )
         number("contrast_threshold", 0.0, 1.0, optional=True)
         number("area_threshold", 0.0, optional=True)
         if output_type not in OUTPUT_TYPES:
@@ -762,6 +860,152 @@ class RaimPipeline(DiffusionPipeline):
             self.vae, latents, tile=latent_tile, overlap=min(8, latent_tile // 4)
         )
 
+    def generate_supir(
+        self,
+        x_lq: torch.Tensor,
+        x_prior: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        negative_pooled_prompt_embeds: torch.Tensor | None,
+        *,
+        supir_stage1: str,
+        num_inference_steps: int,
+        strength: float,
+        guidance_scale: float,
+        guidance_scale_start: float | None,
+        consistency_weight: float,
+        consistency_schedule: str,
+        consistency_stop: float,
+        consistency_schedule_kwargs: dict[str, Any] | None,
+        control_scale: float,
+        control_scale_start: float | None,
+        tile: int | None,
+        tile_overlap: int | None,
+        vae_tile: int | None,
+        s_churn: float,
+        s_noise: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        output_type: str = "pt",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2 with SUPIR (Yu et al., CVPR 2024), on images whose sides are multiples of
+        `pad_multiple`: SUPIR's stage 1, then its restoration-guided EDM sampler
+        (`raim_diffusion.diffusion.supir_sampler`).
+
+        ``x_lq`` is the low-quality input resized to the working size (the control input) and
+        ``x_prior`` the prior's output at that size. The guidance weights are the library's
+        consistency schedules evaluated on SUPIR's sigmas. Returns the images in [0, 1] (the
+        latents with ``output_type="latent"``) and the stage-1 image, the colour-fix reference.
+        """
+        if isinstance(generator, list):
+            raise ValueError("SUPIR's sampler draws one noise for the batch: pass one generator, "
+                             "not a list")
+        device = self._execution_device
+        n = x_lq.shape[0]
+        dtype = self.unet.dtype
+        if vae_tile is None:
+            vae_tile = auto_vae_tile(*x_lq.shape[-2:], device)
+        elif vae_tile == 0:
+            vae_tile = None
+        vae_overlap = None if vae_tile is None else min(64, vae_tile // 4)
+
+        # 2a. Stage 1: the control latent (degradation-robust encoder) and the guidance centre.
+        if supir_stage1 == "supir":
+            lq_latent, x_center, x_stage1 = supir_sampler.supir_stage1(
+                self.supir_denoise_encoder, self.vae, x_lq, generator=generator
+            )
+        else:
+            lq_latent = self.supir_denoise_encoder.encode(x_lq, self.vae).float()
+            x_center = encode_latents(
+                self.vae, x_prior, tile=vae_tile, overlap=vae_overlap or 0
+            ).float()
+            x_stage1 = x_prior
+        lq_latent, x_center = lq_latent.to(device), x_center.to(device)
+
+        # 2b. Text conditioning with SDXL's micro-conditioning at the working size.
+        cfg = _uses_cfg(guidance_scale, guidance_scale_start)
+        size = tuple(x_lq.shape[-2:])
+
+        def added(pooled: torch.Tensor, negative: bool) -> dict[str, torch.Tensor]:
+            ids = torch.tensor([self._sdxl_time_ids(size, negative=negative)] * n)
+            return {"text_embeds": pooled.to(device, dtype), "time_ids": ids.to(device, dtype)}
+
+        # 2c. Restoration guidance toward the stage-1 latent, per step run, on SUPIR's sigmas.
+        sigmas = supir_sampler.supir_step_sigmas(num_inference_steps)
+        run = min(int(num_inference_steps * strength), num_inference_steps)
+        begin = num_inference_steps - run
+        weights = consistency_weights(
+            consistency_schedule,
+            consistency_weight,
+            run,
+            sigmas=sigmas[begin:-1],
+            next_sigmas=sigmas[begin + 1 :],
+            sigma_max=float(supir_sampler.legacy_discrete_sigmas()[-1]),
+            stop=consistency_stop,
+            **(consistency_schedule_kwargs or {}),
+        )
+        self._num_timesteps = run
+        latent_hw = tuple(lq_latent.shape[-2:])
+        tile_size = self._latent_tile(tile, latent_hw, n * (2 if cfg else 1))
+        tile_stride = 64
+        if tile_size is not None:
+            overlap = tile_size // 2 if tile_overlap is None else tile_overlap
+            tile_stride = max(tile_size - overlap, 1)
+
+        # 2d. SUPIR's sampler; the callback sees the step's EDM sigma as its timestep.
+        state = {"z_prior": x_center, "prompt_embeds": prompt_embeds}
+        with self.progress_bar(total=run) as bar:
+
+            def step_end(i: int, latents: torch.Tensor) -> torch.Tensor | None:
+                bar.update()
+                if callback_on_step_end is None:
+                    return None
+                state["latents"] = latents
+                kwargs = {k: state[k] for k in callback_on_step_end_tensor_inputs}
+                sigma = torch.tensor(float(sigmas[i]))
+                return (callback_on_step_end(self, i - begin, sigma, kwargs) or {}).get("latents")
+
+            latents = supir_sampler.supir_sample(
+                self.supir_control,
+                self.unet,
+                lq_latent=lq_latent,
+                x_center=x_center,
+                prompt_embeds=prompt_embeds.to(device, dtype),
+                added_cond_kwargs=added(pooled_prompt_embeds, negative=False),
+                negative_prompt_embeds=(
+                    negative_prompt_embeds.to(device, dtype) if cfg else None
+                ),
+                negative_added_cond_kwargs=(
+                    added(negative_pooled_prompt_embeds, negative=True) if cfg else None
+                ),
+                num_inference_steps=num_inference_steps,
+                strength=strength,
+                guidance_scale=guidance_scale,
+                guidance_scale_start=guidance_scale_start,
+                control_scale=control_scale,
+                control_scale_start=control_scale_start,
+                restoration_weights=weights,
+                s_churn=s_churn,
+                s_noise=s_noise,
+                generator=generator,
+                tile_size=tile_size,
+                tile_stride=tile_stride,
+                callback=step_end,
+            )
+
+        # 2e. Decode.
+        if output_type == "latent":
+            return latents, x_stage1
+        if vae_tile is None:
+            return decode_latents(self.vae, latents), x_stage1
+        latent_tile = max(vae_tile // self.vae_scale_factor, 1)
+        images = decode_latents(
+            self.vae, latents, tile=latent_tile, overlap=min(8, latent_tile // 4)
+        )
+        return images, x_stage1
+
     # ------------------------------------------------------------------ call
 
     def _convert(self, x: torch.Tensor | None, output_type: str) -> Any:
@@ -802,6 +1046,9 @@ class RaimPipeline(DiffusionPipeline):
         controlnet_conditioning_scale: float = 1.0,
         control_guidance_start: float = 0.0,
         control_guidance_end: float = 1.0,
+        control_scale: float = 1.0,
+        control_scale_start: float | None = None,
+        supir_stage1: str = "supir",
         eta: float = 0.0,
         s_churn: float = 0.0,
         s_noise: float = 1.0,
@@ -863,6 +1110,22 @@ class RaimPipeline(DiffusionPipeline):
             controlnet_conditioning_scale (`float`, defaults to 1.0): ControlNet strength.
             control_guidance_start (`float`, defaults to 0.0), control_guidance_end (`float`,
                 defaults to 1.0): fraction of the steps where the ControlNet is applied.
+            control_scale (`float`, defaults to 1.0): SUPIR's control strength (``s_stage2``);
+                0 is plain SDXL. Only with SUPIR (``supir_control``).
+            control_scale_start (`float`, *optional*): SUPIR's linear control scale
+                (``spt_linear_s_stage2``): from this value at σ_max to ``control_scale`` at σ = 0;
+                constant when `None`.
+            supir_stage1 (`str`, defaults to `"supir"`): with SUPIR, the stage-1 latent the
+                guidance pulls toward and the colour-fix reference: `"supir"` (SUPIR's own: its
+                degradation-robust encoder's latent of the input, decoded and re-encoded) or
+                `"prior"` (the prior's output encoded: the GAN prior as SUPIR's stage 1). With
+                SUPIR, ``consistency_*`` set the restoration guidance toward it on SUPIR's sigma
+                schedule (SUPIR's own ``s_stage1 = tau`` is ``consistency_schedule="supir"``,
+                ``consistency_weight=1``, ``consistency_schedule_kwargs={"tau": tau}``; SUPIR's
+                default, no guidance, is ``consistency_weight=0``), ``strength`` below 1 starts
+                from the noised stage-1 latent instead of pure noise (SUPIR: 1), ``tile`` /
+                ``tile_overlap`` are SUPIR's latent tiles (overlap ``tile // 2`` by default, as
+                SUPIR's 128/64), and ``min_size`` is SUPIR's working short side (1024).
             eta (`float`, defaults to 0.0): DDIM's eta.
             s_churn (`float`, defaults to 0.0), s_noise (`float`, defaults to 1.0): EDM churn
                 (Karras et al. 2022), through the step of schedulers that take it, such as
@@ -922,6 +1185,9 @@ class RaimPipeline(DiffusionPipeline):
             controlnet_conditioning_scale=controlnet_conditioning_scale,
             control_guidance_start=control_guidance_start,
             control_guidance_end=control_guidance_end,
+            control_scale=control_scale,
+            control_scale_start=control_scale_start,
+            supir_stage1=supir_stage1,
             contrast_threshold=contrast_threshold,
             area_threshold=area_threshold,
         )
@@ -978,31 +1244,60 @@ class RaimPipeline(DiffusionPipeline):
             if embeds[0].shape[0] != n:
                 raise ValueError(f"prompt_embeds holds {embeds[0].shape[0]} embeddings for {n} "
                                  "images; give one, or one per image")
-            x_gen = self.generate(
-                pad_to_multiple(x_work, self.pad_multiple),
-                *embeds,
-                num_inference_steps=num_inference_steps,
-                strength=strength,
-                guidance_scale=guidance_scale,
-                guidance_scale_start=guidance_scale_start,
-                consistency_weight=consistency_weight,
-                consistency_schedule=consistency_schedule,
-                consistency_stop=consistency_stop,
-                consistency_schedule_kwargs=consistency_schedule_kwargs,
-                tile=tile,
-                tile_overlap=tile_overlap,
-                vae_tile=vae_tile,
-                controlnet_conditioning_scale=controlnet_conditioning_scale,
-                control_guidance_start=control_guidance_start,
-                control_guidance_end=control_guidance_end,
-                eta=eta,
-                s_churn=s_churn,
-                s_noise=s_noise,
-                generator=generator,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                output_type="latent" if output_type == "latent" else "pt",
-            ).to(device)
+            x_ref = None
+            if self.supir_control is not None:
+                x_gen, x_ref = self.generate_supir(
+                    pad_to_multiple(resize(x_lq, work_hw), self.pad_multiple),
+                    pad_to_multiple(x_work, self.pad_multiple),
+                    *embeds,
+                    supir_stage1=supir_stage1,
+                    num_inference_steps=num_inference_steps,
+                    strength=strength,
+                    guidance_scale=guidance_scale,
+                    guidance_scale_start=guidance_scale_start,
+                    consistency_weight=consistency_weight,
+                    consistency_schedule=consistency_schedule,
+                    consistency_stop=consistency_stop,
+                    consistency_schedule_kwargs=consistency_schedule_kwargs,
+                    control_scale=control_scale,
+                    control_scale_start=control_scale_start,
+                    tile=tile,
+                    tile_overlap=tile_overlap,
+                    vae_tile=vae_tile,
+                    s_churn=s_churn,
+                    s_noise=s_noise,
+                    generator=generator,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    output_type="latent" if output_type == "latent" else "pt",
+                )
+            else:
+                x_gen = self.generate(
+                    pad_to_multiple(x_work, self.pad_multiple),
+                    *embeds,
+                    num_inference_steps=num_inference_steps,
+                    strength=strength,
+                    guidance_scale=guidance_scale,
+                    guidance_scale_start=guidance_scale_start,
+                    consistency_weight=consistency_weight,
+                    consistency_schedule=consistency_schedule,
+                    consistency_stop=consistency_stop,
+                    consistency_schedule_kwargs=consistency_schedule_kwargs,
+                    tile=tile,
+                    tile_overlap=tile_overlap,
+                    vae_tile=vae_tile,
+                    controlnet_conditioning_scale=controlnet_conditioning_scale,
+                    control_guidance_start=control_guidance_start,
+                    control_guidance_end=control_guidance_end,
+                    eta=eta,
+                    s_churn=s_churn,
+                    s_noise=s_noise,
+                    generator=generator,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    output_type="latent" if output_type == "latent" else "pt",
+                )
+            x_gen = x_gen.to(device)
             if output_type == "latent":
                 self.maybe_free_model_hooks()
                 latents = x_gen.float()
@@ -1011,7 +1306,9 @@ class RaimPipeline(DiffusionPipeline):
                     return out
                 return RaimPipelineOutput(*out, artifacts=None, methods=methods)
             x_gen = resize(crop(x_gen, work_hw), target)
-            x_gen = apply_color_fix(x_gen, x_prior, color_fix)
+            # SUPIR colour-fixes against its stage-1 image (the prior's output when it is that).
+            x_ref = x_prior if x_ref is None else resize(crop(x_ref.to(device), work_hw), target)
+            x_gen = apply_color_fix(x_gen, x_ref.to(x_gen.dtype), color_fix)
             methods["generate"] = type(self.unet).__name__
             finite["generate"] = torch.isfinite(x_gen).all()
         else:

@@ -56,6 +56,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.utils import logging
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 logger = logging.get_logger(__name__)
@@ -690,6 +691,7 @@ class SupirDenoiseEncoder(ModelMixin, ConfigMixin):
         """Moments (before ``quant_conv``) of an image in [-1, 1]: ``(B, 2C, H/f, W/f)``."""
         return self.encoder(image)
 
+    @apply_forward_hook  # model CPU offload moves the encoder on for encode, as for a forward
     @torch.no_grad()
     def encode(self, image: torch.Tensor, vae: nn.Module) -> torch.Tensor:
         """SUPIR's LQ latent: ``mode(quant_conv(E_denoise(image))) * scaling_factor``.
@@ -1040,7 +1042,9 @@ def load_supir(
             list(unused[:5]),
         )
 
-    control = control.to(device=unet.device, dtype=unet.dtype).eval()
+    # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even with nothing to
+    # keep in float32.
+    control = nn.Module.to(control, device=unet.device, dtype=unet.dtype).eval()
     encoder = encoder.to(device=unet.device).eval()
     return SupirComponents(
         control=control, unet=supir_unet, denoise_encoder=encoder, unused_keys=unused

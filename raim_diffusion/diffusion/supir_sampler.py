@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..tiling import blend_weights, tile_starts
 from .supir import SupirControlModel, SupirDenoiseEncoder, SupirUNet2DConditionModel
@@ -136,6 +137,7 @@ def supir_sample(
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     num_inference_steps: int = 50,
+    strength: float = 1.0,
     guidance_scale: float = 4.0,
     guidance_scale_start: float | None = 1.0,
     control_scale: float = 1.0,
@@ -149,7 +151,7 @@ def supir_sample(
     generator: torch.Generator | None = None,
     tile_size: int | None = None,
     tile_stride: int = 64,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
+    callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     r"""Sample a restored latent with SUPIR's restoration-guided EDM sampler.
 
@@ -165,6 +167,10 @@ def supir_sample(
        ``sigma' > restoration_sigma_min`` and ``tau > 0`` (or ``restoration_weights[i]``);
     4. Euler: ``x <- x + (x - D) / sigma_hat * (sigma' - sigma_hat)``.
 
+    With ``strength < 1`` (the library's addition; SUPIR always starts from pure noise) only the
+    last ``int(num_inference_steps * strength)`` steps run, from ``x_center + sigma_begin * eps``,
+    as img2img does.
+
     Args:
         control (`SupirControlModel`): The control model.
         unet (`SupirUNet2DConditionModel`): The SDXL UNet with connectors.
@@ -176,6 +182,8 @@ def supir_sample(
         negative_prompt_embeds (`torch.Tensor`, *optional*): Enables CFG.
         negative_added_cond_kwargs (`dict`, *optional*): Defaults to ``added_cond_kwargs``.
         num_inference_steps (`int`, defaults to 50): SUPIR's ``edm_steps``.
+        strength (`float`, defaults to 1.0): Fraction of the steps run; 1 is SUPIR's start from
+            pure noise, below 1 starts from ``x_center`` noised to the first step run.
         guidance_scale (`float`, defaults to 4.0): SUPIR's ``s_cfg`` (the scale at sigma -> 0).
         guidance_scale_start (`float`, *optional*, defaults to 1.0): SUPIR's ``spt_linear_CFG``
             (the scale at ``sigma_max``); `None` for a constant ``guidance_scale``.
@@ -185,15 +193,19 @@ def supir_sample(
         restoration_tau (`float`, defaults to -1): SUPIR's ``s_stage1``; off when <= 0.
         restoration_sigma_min (`float`, defaults to 0.05): No guidance when ``sigma'`` is at or
             below it (so the last step is unguided).
-        restoration_weights (`Sequence[float]`, *optional*): One weight per step, replacing
+        restoration_weights (`Sequence[float]`, *optional*): One weight per step run, replacing
             SUPIR's schedule (1 pulls the prediction onto ``x_center``).
         s_churn (`float`, defaults to 5.0), s_noise (`float`, defaults to 1.01): Churn.
         latents (`torch.Tensor`, *optional*): Unit-variance initial noise; drawn from
-            ``generator`` otherwise. It is scaled by ``sqrt(1 + sigma_0^2)``.
-        generator (`torch.Generator`, *optional*): The only source of randomness.
+            ``generator`` otherwise. It is scaled by ``sqrt(1 + sigma_0^2)`` (or by the first
+            step's sigma and added to ``x_center`` when ``strength < 1``).
+        generator (`torch.Generator`, *optional*): The only source of randomness (a CPU
+            generator works for any device, as in diffusers).
         tile_size (`int`, *optional*): Latent tile size (SUPIR: 128); untiled when `None`.
         tile_stride (`int`, defaults to 64): Latent tile stride.
-        callback (`Callable[[int, torch.Tensor], None]`, *optional*): Called after each step.
+        callback (`Callable[[int, torch.Tensor], torch.Tensor | None]`, *optional*): Called
+            after each step with its index in the schedule and the latent; a tensor it returns
+            replaces the latent.
 
     Returns:
         `torch.Tensor`: The sampled latent, float32, ``(B, 4, h, w)``.
@@ -211,17 +223,29 @@ def supir_sample(
     sigmas = supir_step_sigmas(num_inference_steps, discrete.cpu()).tolist()
     sigma_max = float(discrete[-1])
     n = num_inference_steps
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength!r} must be in (0, 1]")
+    run = min(int(n * strength), n)
+    if run < 1:
+        raise ValueError(
+            f"strength={strength} with num_inference_steps={n} runs no step; raise one of them"
+        )
+    begin = n - run
     if restoration_weights is not None:
         weights = [float(v) for v in torch.as_tensor(restoration_weights).flatten()]
-        if len(weights) != n:
-            raise ValueError(f"restoration_weights must hold {n} values, got {len(weights)}")
+        if len(weights) != run:
+            raise ValueError(
+                f"restoration_weights must hold {run} values (one per step run), got "
+                f"{len(weights)}"
+            )
     else:
         weights = [
             (sigmas[i] / sigma_max) ** restoration_tau
             if restoration_tau > 0 and sigmas[i + 1] > restoration_sigma_min
             else 0.0
-            for i in range(n)
+            for i in range(begin, n)
         ]
+    weights = [0.0] * begin + weights
 
     cfg = negative_prompt_embeds is not None
     pos = _batch(prompt_embeds, b, "prompt_embeds")
@@ -272,13 +296,17 @@ def supir_sample(
         return x + (x - d) / sigma_hat * (nxt - sigma_hat)
 
     if latents is None:
-        latents = torch.randn((b, c, h, w), generator=generator, device=device, dtype=torch.float32)
+        latents = randn_tensor((b, c, h, w), generator=generator, device=device,
+                               dtype=torch.float32)
     elif latents.shape != lq_latent.shape:
         raise ValueError(
             f"latents must have shape {tuple(lq_latent.shape)}, got {tuple(latents.shape)}"
         )
-    x = latents.to(device, torch.float32) * math.sqrt(1 + sigmas[0] ** 2)
     lq32, center32 = lq_latent.float(), x_center.float()
+    if begin == 0:
+        x = latents.to(device, torch.float32) * math.sqrt(1 + sigmas[0] ** 2)
+    else:
+        x = center32 + latents.to(device, torch.float32) * sigmas[begin]
 
     if tile_size is not None:
         if tile_size <= 0 or tile_stride <= 0:
@@ -294,12 +322,11 @@ def supir_sample(
         weight = blend_weights(th, tw, "gaussian", dtype=torch.float32, device=device)
 
     with torch.no_grad():
-        for i in range(n):
+        for i in range(begin, n):
             noise = None
             if min(s_churn / n, 2**0.5 - 1) > 0:
-                noise = torch.randn(
-                    x.shape, generator=generator, device=device, dtype=torch.float32
-                )
+                noise = randn_tensor(x.shape, generator=generator, device=device,
+                                     dtype=torch.float32)
             if tile_size is None:
                 x = step(i, x, noise, lq32, center32)
             else:
@@ -313,5 +340,7 @@ def supir_sample(
                     norm[sl] += weight
                 x = acc / norm
             if callback is not None:
-                callback(i, x)
+                replaced = callback(i, x)
+                if replaced is not None:
+                    x = replaced.to(device, torch.float32)
     return x
