@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from raim_diffusion.pipeline import RaimPipeline
 from raim_diffusion.runner.config import (
     CALL_ARGUMENTS,
+    GENERATE_LOADER_FIELDS,
     LOADER_KEYS,
     GenerateConfig,
     call_kwargs,
@@ -32,7 +33,7 @@ def test_every_documented_preset_ships_and_loads():
         accepted = inspect.signature(RaimPipeline.__call__).parameters
         generate = OmegaConf.to_container(config.generate)
         for key, value in generate.items():
-            if value is not None and key not in ("model", "controlnet", "scheduler"):
+            if value is not None and key not in GENERATE_LOADER_FIELDS:
                 assert key in accepted, (name, key)
 
 
@@ -96,7 +97,7 @@ def test_every_config_key_reaches_the_pipeline_or_a_loader():
         assert arg in params, (key, arg)
     # Every GenerateConfig field but the model choice is a pipeline parameter of the same name.
     for name in GenerateConfig.__dataclass_fields__:
-        if name not in ("model", "controlnet", "scheduler"):
+        if name not in GENERATE_LOADER_FIELDS:
             assert CALL_ARGUMENTS[f"generate.{name}"] == name
     # ... and every sampling parameter of the pipeline can be set from a config.
     runtime_only = {"self", "image", "generator", "output_type", "return_dict", "stages",
@@ -123,6 +124,7 @@ def test_every_config_key_reaches_the_pipeline_or_a_loader():
         ("upscale=nan", "upscale"),
         ("upscale=0", "upscale"),
         ("generate.num_inference_steps=0", "num_inference_steps"),
+        ("generate.num_inference_steps=1", "runs no denoising step"),
         ("generate.consistency_schedule=cosin", "consistency_schedule"),
         ("generate.consistency_schedule_kwargs={powr: 2}", "powr"),
         ("prior.input_blend=1.5", "prior.input_blend"),

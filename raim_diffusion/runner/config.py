@@ -39,6 +39,7 @@ __all__ = [
     "TINY_PREFIX",
     "DetectConfig",
     "FuseConfig",
+    "GENERATE_LOADER_FIELDS",
     "GenerateConfig",
     "PriorConfig",
     "RunConfig",
@@ -66,12 +67,16 @@ class PriorConfig:
 
 @dataclass
 class GenerateConfig:
-    """Stage 2: the diffusion model (``model``, ``controlnet``, ``scheduler``) and the sampling
-    arguments of ``RaimPipeline.__call__`` (every other field, same names)."""
+    """Stage 2: the diffusion model (``model``, ``controlnet``, ``scheduler``, ``supir``: the
+    `GENERATE_LOADER_FIELDS`) and the sampling arguments of ``RaimPipeline.__call__`` (every
+    other field, same names)."""
 
     model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     controlnet: str | None = None
     scheduler: str | None = None  # diffusers scheduler class, e.g. "DPMSolverMultistepScheduler"
+    # SUPIR checkpoint (e.g. weights/SUPIR-v0Q.ckpt, user-supplied, SupPixel non-commercial
+    # licence) over the SDXL model: stage 2 becomes SUPIR's sampler.
+    supir: str | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
@@ -90,6 +95,9 @@ class GenerateConfig:
     controlnet_conditioning_scale: float | None = None
     control_guidance_start: float | None = None
     control_guidance_end: float | None = None
+    control_scale: float | None = None  # SUPIR's s_stage2
+    control_scale_start: float | None = None  # SUPIR's linear control scale start (sigma_max)
+    supir_stage1: str | None = None  # SUPIR's stage-1 latent: "supir" (its own) or "prior"
     eta: float | None = None
     s_churn: float | None = None  # EDM churn (Euler schedulers)
     s_noise: float | None = None
@@ -133,13 +141,15 @@ class RunConfig:
     tiny: bool = False  # set by make_tiny: every model is a tiny random stand-in
 
 
+#: `GenerateConfig` fields that choose models (read by the restorer), not call arguments.
+GENERATE_LOADER_FIELDS = ("model", "controlnet", "scheduler", "supir")
 #: Config key -> ``RaimPipeline.__call__`` argument, for every key that is a call argument.
 CALL_ARGUMENTS: dict[str, str] = {
     "upscale": "upscale",
     "prior.input_blend": "input_blend",
     **{
         f"generate.{name}": name for name in GenerateConfig.__dataclass_fields__
-        if name not in ("model", "controlnet", "scheduler")
+        if name not in GENERATE_LOADER_FIELDS
     },
     "detect.contrast_threshold": "contrast_threshold",
     "detect.area_threshold": "area_threshold",
@@ -149,8 +159,8 @@ CALL_ARGUMENTS: dict[str, str] = {
 LOADER_KEYS = (
     "description", "stages", "seed", "device", "dtype", "save_intermediates", "tiny",
     "prior.name", "prior.weights", "prior.tile", "generate.model", "generate.controlnet",
-    "generate.scheduler", "detect.params", "detect.segmenter", "detect.sam", "detect.sam_type",
-    "fuse.fusion",
+    "generate.scheduler", "generate.supir", "detect.params", "detect.segmenter", "detect.sam",
+    "detect.sam_type", "fuse.fusion",
 )
 
 
@@ -311,6 +321,15 @@ def validate_config(config: DictConfig) -> None:
         raise ValueError(f"prior.weights={list(weights)} must be positive numbers")
     if config.prior.tile is not None and config.prior.tile < 0:
         raise ValueError(f"prior.tile={config.prior.tile} must be >= 0 (0 never tiles)")
+    gen = config.generate
+    if gen.supir is not None and "generate" in stages:
+        # SUPIR samples with its own EDM sampler and conditions through its own control model.
+        for key in ("controlnet", "scheduler"):
+            if gen[key] is not None:
+                raise ValueError(
+                    f"generate.{key}={gen[key]!r} has no effect with generate.supir (SUPIR "
+                    f"samples with its own EDM Euler sampler and control model); remove one"
+                )
     try:
         RaimPipeline.check_inputs(stages=stages, **call_kwargs(config))
     except ValueError as err:
@@ -331,8 +350,9 @@ def make_tiny(config: DictConfig) -> DictConfig:
     The pipeline's structure and settings are kept: stages, guidance, schedules, thresholds,
     fusion. SD/SDXL become tiny random pipelines (``tiny:sd15`` / ``tiny:sdxl``), the prior a
     tiny random compact network (``tiny:prior-x2``: seconds per image on a CPU), the segmenter
-    is dropped (uniform class weights), a fusion network becomes a tiny random one, and sizes
-    that only make sense for real models (``min_size``) are capped. ``tiny`` is set, so the
+    is dropped (uniform class weights), a fusion network becomes a tiny random one, a SUPIR
+    checkpoint becomes tiny random SUPIR components (``tiny:supir``), and sizes that only make
+    sense for real models (``min_size``) are capped. ``tiny`` is set, so the
     run's record says it is a tiny run.
     """
     from raim_diffusion.prior import get_builtin, is_builtin
@@ -341,9 +361,12 @@ def make_tiny(config: DictConfig) -> DictConfig:
     tiny.tiny = True
     gen = tiny.generate
     if not str(gen.model).startswith(TINY_PREFIX):
-        gen.model = TINY_PREFIX + ("sdxl" if "xl" in str(gen.model).lower() else "sd15")
+        sdxl = gen.supir is not None or "xl" in str(gen.model).lower()  # SUPIR is SDXL's
+        gen.model = TINY_PREFIX + ("sdxl" if sdxl else "sd15")
     if gen.controlnet is not None:
         gen.controlnet = TINY_PREFIX + "controlnet"
+    if gen.supir is not None:
+        gen.supir = TINY_PREFIX + "supir"
     gen.min_size = None if gen.min_size is None else min(gen.min_size, 256)
     # Each prior becomes a tiny random one of the same scale (x2 for files, whose scale is only
     # known once they load); an ensemble keeps its members and weights.

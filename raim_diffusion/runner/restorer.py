@@ -140,9 +140,18 @@ class Restorer:
             from raim_diffusion.testing import tiny_controlnet
 
             controlnet = tiny_controlnet("sdxl" if "sdxl" in gen.model else "sd15")
+        supir = gen.supir
+        tiny_supir = supir is not None and supir.startswith(TINY_PREFIX)
         pipe = RaimPipeline.from_pretrained(
             resolve_model(gen.model), prior=prior, controlnet=controlnet, torch_dtype=self.dtype,
+            supir=None if tiny_supir else supir,
         )
+        if tiny_supir:
+            from raim_diffusion.testing import tiny_supir_state_dict
+
+            # "tiny:supir": random SUPIR weights for the tiny SDXL UNet, in SUPIR's checkpoint
+            # layout, through the same strict loading as a real checkpoint.
+            pipe.load_supir(tiny_supir_state_dict(pipe.unet, pipe.vae))
         if gen.scheduler:
             import diffusers
 
