@@ -488,3 +488,117 @@ def test_supir_sampler_options_reach_the_loop(sdxl):
             assert not torch.equal(other.images, plain.images)
     finally:
         sdxl.scheduler = original
+
+
+# ---------------------------------------------------------------------------------------------
+# SUPIR: SDXL with SUPIR's adaptor as stage 2
+
+
+@pytest.fixture(scope="module")
+def supir_checkpoint(folders, tmp_path_factory):
+    """A tiny random SUPIR checkpoint written in SUPIR's own layout (Lightning .ckpt)."""
+    from raim_diffusion.testing import save_tiny_supir_checkpoint, tiny_components
+
+    comps = tiny_components("sdxl")
+    path = tmp_path_factory.mktemp("supir") / "SUPIR-tiny.ckpt"
+    return save_tiny_supir_checkpoint(path, comps["unet"], comps["vae"], seed=1)
+
+
+@pytest.fixture(scope="module")
+def supir(folders, supir_checkpoint):
+    pipe = RaimPipeline.from_pretrained(folders["sdxl"], supir=supir_checkpoint,
+                                        prior=tiny_prior(2))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SUPIR_FAST = dict(num_inference_steps=3, strength=1.0, guidance_scale=2.0, guidance_scale_start=1.0,
+                  s_churn=5.0, s_noise=1.01, consistency_weight=0.0)
+
+
+def test_supir_restores_end_to_end_and_round_trips(supir, tmp_path):
+    from raim_diffusion.diffusion.supir import (
+        SupirControlModel,
+        SupirDenoiseEncoder,
+        SupirUNet2DConditionModel,
+    )
+
+    assert isinstance(supir.unet, SupirUNet2DConditionModel)
+    assert isinstance(supir.supir_control, SupirControlModel)
+    assert isinstance(supir.supir_denoise_encoder, SupirDenoiseEncoder)
+    image = _image(19, 26)
+    out = supir(image, generator=_gen(), output_type="pt", **SUPIR_FAST)
+    assert out.images.shape[-2:] == out.generated_images.shape[-2:] == (19, 26)
+    assert list(out.methods) == ["prior", "generate", "segmentation", "fusion"]
+    assert out.methods["generate"] == "SupirUNet2DConditionModel"
+    assert torch.isfinite(out.images).all()
+
+    supir.save_pretrained(tmp_path / "raim")
+    index = json.loads((tmp_path / "raim" / "model_index.json").read_text())
+    assert index["unet"] == ["raim_diffusion.diffusion.supir", "SupirUNet2DConditionModel"]
+    assert index["supir_control"] == ["raim_diffusion.diffusion.supir", "SupirControlModel"]
+    assert index["supir_denoise_encoder"] == ["raim_diffusion.diffusion.supir",
+                                              "SupirDenoiseEncoder"]
+    again = RaimPipeline.from_pretrained(tmp_path / "raim")  # no supir= needed
+    again.set_progress_bar_config(disable=True)
+    out2 = again(image, generator=_gen(), output_type="pt", **SUPIR_FAST)
+    for name in ("images", "prior_images", "generated_images", "masks"):
+        torch.testing.assert_close(out2[name], out[name], rtol=0, atol=0)
+
+
+def test_supir_adaptor_and_stage1_choice_take_effect(supir):
+    common = dict(generator=_gen(), output_type="pt", stages=("prior", "generate"),
+                  color_fix="none", **SUPIR_FAST)
+    image = _image(16, 16, seed=3)
+    base = supir(image, **common).generated_images
+    for kwargs in ({"control_scale": 0.0}, {"control_scale_start": 0.2},
+                   {"supir_stage1": "prior", "consistency_weight": 0.5},
+                   {"strength": 0.5}):
+        other = supir(image, **{**common, "generator": _gen(), **kwargs}).generated_images
+        assert other.shape == base.shape and not torch.equal(other, base), kwargs
+
+
+def test_supir_full_guidance_toward_the_prior_returns_the_decoded_prior_latent(supir):
+    """supir_stage1='prior' with restoration weight 1 at every step: decode(z_prior) exactly."""
+    from raim_diffusion.diffusion.vae import encode_latents
+
+    out = supir(_image(16, 24), generator=_gen(), output_type="pt", supir_stage1="prior",
+                consistency_weight=1.0, consistency_schedule="constant", color_fix="none",
+                vae_tile=0, stages=("prior", "generate"), num_inference_steps=4, s_churn=5.0)
+    z_prior = encode_latents(supir.vae, out.prior_images)
+    torch.testing.assert_close(out.generated_images, decode_latents(supir.vae, z_prior),
+                               atol=1e-5, rtol=0)
+
+
+def test_supir_callback_tiles_and_latents(supir):
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        seen.append((i, float(t), kwargs["latents"].shape))
+        return {}
+
+    common = dict(generator=_gen(), stages=("prior", "generate"), **SUPIR_FAST)
+    latents = supir(_image(32, 32), output_type="latent", callback_on_step_end=callback,
+                    **common).images
+    assert latents.shape == (1, 4, 8, 8)
+    assert [i for i, _, _ in seen] == [0, 1, 2] and seen[0][1] > seen[-1][1] > 0
+    # SUPIR's latent tiles (Gaussian-blended) run when asked, and cover the whole image
+    untiled = supir(_image(32, 32), output_type="pt", tile=0,
+                    **{**common, "generator": _gen()}).images
+    tiled = supir(_image(32, 32), output_type="pt", tile=4, tile_overlap=2,
+                  **{**common, "generator": _gen()}).images
+    assert tiled.shape == untiled.shape and torch.isfinite(tiled).all()
+    assert not torch.equal(tiled, untiled)
+
+
+def test_supir_arguments_are_checked(supir, folders):
+    with pytest.raises(ValueError, match="supir_stage1"):
+        RaimPipeline.check_inputs(supir_stage1="gan")
+    with pytest.raises(ValueError, match="control_scale"):
+        RaimPipeline.check_inputs(control_scale=-1.0)
+    with pytest.raises(ValueError, match="one generator"):
+        supir(_image(8, 8), generator=[_gen()], output_type="pt", stages=("prior", "generate"),
+              **SUPIR_FAST)
+    with pytest.raises(ValueError, match="SDXL"):
+        RaimPipeline.from_pretrained(folders["sd15"],
+                                     supir={"model.control_model.x": torch.zeros(1)})

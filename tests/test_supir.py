@@ -317,3 +317,54 @@ def test_supir_stage1_then_sampler_end_to_end(sdxl, supir):
     kw.update(lq_latent=lq, x_center=center)
     out = supir_sample(supir.control, supir.unet, generator=torch.Generator().manual_seed(0), **kw)
     assert out.shape == lq.shape and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Runner
+
+
+def test_config_maps_supir_to_tiny_and_refuses_settings_it_would_ignore():
+    from raim_diffusion.runner.config import call_kwargs, load_config, make_tiny
+
+    config = load_config("sdxl", ["generate.supir=weights/SUPIR-v0Q.ckpt",
+                                  "generate.supir_stage1=prior", "generate.control_scale=0.8"])
+    assert "supir" not in call_kwargs(config)  # a loader key, not a call argument
+    assert call_kwargs(config)["supir_stage1"] == "prior"
+    tiny = make_tiny(config)
+    assert tiny.generate.supir == "tiny:supir" and tiny.generate.model == "tiny:sdxl"
+    assert make_tiny(load_config("sdxl")).generate.supir is None
+    with pytest.raises(ValueError, match="generate.scheduler.*generate.supir"):
+        load_config("sdxl", ["generate.supir=x.ckpt", "generate.scheduler=EulerDiscreteScheduler"])
+    with pytest.raises(ValueError, match="generate.supir_stage1"):
+        load_config("sdxl", ["generate.supir_stage1=gan"])
+
+
+def test_raim_restore_xhs_iag_tiny_with_supir(tmp_path, monkeypatch):
+    """Xhs-IAG's pipeline (SUPIR, DeSRA masks, fusion) on tiny SUPIR components, end to end."""
+    import numpy as np
+    from PIL import Image
+
+    from raim_diffusion.cli import main
+    from raim_diffusion.images import load_image
+    from raim_diffusion.pipeline import RaimPipeline
+
+    monkeypatch.setenv("RAIM_CACHE", str(tmp_path / "cache"))
+    calls = []
+    original = RaimPipeline.generate_supir
+
+    def spy(self, *args, **kwargs):
+        calls.append(type(self.supir_control).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RaimPipeline, "generate_supir", spy)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (23, 30, 3), dtype=np.uint8)).save(src / "x.png")
+    code = main(["restore", str(src), "-o", str(out), "--config", "xhs-iag", "--tiny", "--quiet",
+                 "--save-intermediates", "generate.supir=weights/SUPIR-v0Q.ckpt",
+                 "generate.scheduler=null", "generate.strength=1.0",
+                 "generate.num_inference_steps=2", "generate.min_size=32"])
+    assert code == 0 and calls == ["SupirControlModel"]
+    assert load_image(out / "x.png").tensor.shape[-2:] == (23, 30)
+    assert (out / ".raim-intermediates" / "mask" / "x.png.png").is_file()
