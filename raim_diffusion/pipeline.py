@@ -1099,7 +1099,8 @@ class RaimPipeline(DiffusionPipeline):
                 native scale (a x4 prior's result is resized back); ask for super-resolution
                 with e.g. ``upscale=4``. `None` uses the prior's native scale (1 without one).
             input_blend (`float`, defaults to 0.0): stage 1 returns ``(1 - a)·prior + a·input``
-                (the input resized to the output size), MiAlgo's fixed blend.
+                (the input resized to the output size), MiAlgo's fixed blend; not applied when
+                the prior holds MiAlgo's learned blend head, which replaces it.
             min_size (`int`, *optional*): generate at least this short side (SD models work
                 poorly far below their training size); the result is resized back.
             tile (`int`, *optional*): latent tile size of the denoising loop; `None` picks one
@@ -1138,7 +1139,8 @@ class RaimPipeline(DiffusionPipeline):
                 ``(images, prior_images, generated_images, masks)``.
             callback_on_step_end (`Callable`, *optional*): ``callback(pipe, step, timestep,
                 callback_kwargs) -> dict`` after every denoising step; may replace ``latents``
-                and ``prompt_embeds``.
+                and ``prompt_embeds`` (with SUPIR: ``latents`` only, and ``timestep`` is the
+                step's EDM sigma).
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to ``["latents"]``): what
                 ``callback_kwargs`` holds, from ``_callback_tensor_inputs``.
             stages (`Sequence[str]`, defaults to all): which of ``("prior", "generate",

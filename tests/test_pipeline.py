@@ -602,3 +602,20 @@ def test_supir_arguments_are_checked(supir, folders):
     with pytest.raises(ValueError, match="SDXL"):
         RaimPipeline.from_pretrained(folders["sd15"],
                                      supir={"model.control_model.x": torch.zeros(1)})
+
+
+def test_learned_blend_head_replaces_the_fixed_input_blend():
+    """A prior with MiAlgo's learned head already blends the input back in: input_blend is
+    not applied on top of it."""
+    from raim_diffusion.prior.head import RefinementHead
+
+    prior = tiny_prior(2)
+    prior.set_head(RefinementHead(init_alpha=0.5))
+    pipe = RaimPipeline(prior=prior)
+    common = dict(generator=_gen(), output_type="pt", stages=("prior",), upscale=2)
+    plain = pipe(_image(8, 8), **common).images
+    torch.testing.assert_close(pipe(_image(8, 8), input_blend=0.7, **common).images, plain,
+                               rtol=0, atol=0)
+    prior.set_head(None)
+    assert not torch.equal(pipe(_image(8, 8), input_blend=0.7, **common).images,
+                           pipe(_image(8, 8), **common).images)
