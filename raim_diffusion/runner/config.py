@@ -120,6 +120,9 @@ class FuseConfig:
     """Stage 4: the fusion network folder; `None` uses the Laplacian-pyramid blend."""
 
     fusion: str | None = None
+    # The registered architecture the folder holds (FusionNet, AlignFusionNet, ...): checked
+    # when the folder loads, and the one a --tiny run builds at random.
+    architecture: str = "FusionNet"
     tile: int | None = None  # tile size of the fusion network; None: whole image
 
 
@@ -160,7 +163,7 @@ LOADER_KEYS = (
     "description", "stages", "seed", "device", "dtype", "save_intermediates", "tiny",
     "prior.name", "prior.weights", "prior.tile", "generate.model", "generate.controlnet",
     "generate.scheduler", "generate.supir", "detect.params", "detect.segmenter", "detect.sam",
-    "detect.sam_type", "fuse.fusion",
+    "detect.sam_type", "fuse.fusion", "fuse.architecture",
 )
 
 
@@ -378,7 +381,7 @@ def make_tiny(config: DictConfig) -> DictConfig:
     tiny.detect.segmenter = None
     tiny.detect.sam = None
     if tiny.fuse.fusion is not None:
-        tiny.fuse.fusion = TINY_PREFIX + "fusion"
+        tiny.fuse.fusion = TINY_PREFIX + tiny.fuse.architecture
     return tiny
 
 

@@ -79,16 +79,23 @@ def _load_prior(config: DictConfig, device: str, dtype: torch.dtype | None):
     return load_prior(names, device=device, dtype=dtype, tile=config.prior.tile, weights=weights)
 
 
-def _load_fusion(name: str | None, device: str):
-    """The fusion network of a config: a saved folder of any registered architecture,
-    ``tiny:fusion`` (random, for demos), or `None` for the pyramid blend."""
+def _load_fusion(name: str | None, architecture: str, device: str):
+    """The fusion network of a config: a saved folder holding the registered ``architecture``,
+    ``tiny:<architecture>`` (random, for demos), or `None` for the pyramid blend."""
     if name is None:
         return None
-    from raim_diffusion.fusion import FusionNet, load_fusion
+    from raim_diffusion.fusion import FUSION_ARCHITECTURES, load_fusion
 
+    if architecture not in FUSION_ARCHITECTURES:
+        raise ValueError(f"fuse.architecture={architecture!r} is not a registered fusion "
+                         f"architecture; known: {', '.join(FUSION_ARCHITECTURES)}")
     if name.startswith(TINY_PREFIX):
-        return FusionNet.from_preset("tiny").to(device).eval()
-    return load_fusion(name).to(device).eval()
+        return FUSION_ARCHITECTURES[architecture].from_preset("tiny").to(device).eval()
+    net = load_fusion(name)
+    if type(net).__name__ != architecture:
+        raise ValueError(f"fuse.fusion {name} holds a {type(net).__name__}, but the config "
+                         f"expects fuse.architecture={architecture}")
+    return net.to(device).eval()
 
 
 class Restorer:
@@ -113,7 +120,8 @@ class Restorer:
         else:
             pipe = RaimPipeline(prior=prior)
         if "fuse" in self.stages:
-            pipe.register_modules(fusion=_load_fusion(config.fuse.fusion, device))
+            fuse = config.fuse
+            pipe.register_modules(fusion=_load_fusion(fuse.fusion, fuse.architecture, device))
         self.pipe = pipe.to(device)
         self.detector = None
         if "detect" in self.stages:
