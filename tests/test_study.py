@@ -616,3 +616,16 @@ def test_tricky_file_names_in_headless_chromium(tricky_dirs, tmp_path, monkeypat
     assert ids == sorted(TRICKY_STEMS)
     assert scripts == 2
     assert heading == "Sample " + sorted(TRICKY_STEMS)[0]
+
+
+def test_cli_build_with_two_methods_needs_no_top_k(study_dirs, tmp_path):
+    """Judges pick 3 by default, or every method when there are fewer."""
+    from raim_diffusion.cli import main
+
+    methods, inputs = study_dirs
+    two = list(methods.values())[:2]
+    page, key = tmp_path / "two.html", tmp_path / "two_key.json"
+    argv = ["study", "build", *map(str, two), "--input", str(inputs), "-o", str(page),
+            "--key", str(key)]
+    assert main(argv) == 0
+    assert page.is_file() and key.is_file()

@@ -230,7 +230,7 @@ def test_cli_train_fusion(photos: Path, val_photos: Path, tmp_path: Path) -> Non
     bad = parser.parse_args(
         ["train-fusion", "--data", str(photos), "--out", str(out), "--config", "missing-preset"]
     )
-    assert bad.func(bad) == 1
+    assert bad.func(bad) == 2  # a user error: one line, exit status 2
 
 
 def test_validation_metrics_are_those_of_raim_eval() -> None:

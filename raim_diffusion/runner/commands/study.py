@@ -40,7 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("-o", "--output", required=True, metavar="PAGE.html", help="page to write")
     build.add_argument("--key", metavar="KEY.json", help="key file (default: PAGE.key.json)")
     build.add_argument("--seed", type=int, default=0, help="seed of the result order")
-    build.add_argument("--top-k", type=int, default=3, help="picks per sample (default 3)")
+    build.add_argument("--top-k", type=int, default=None,
+                       help="picks per sample (default: 3, or the number of methods if fewer)")
     build.add_argument("--max-side", type=int, help="shrink embedded images to this longer side")
     build.add_argument("--format", choices=("jpeg", "png"), default="jpeg", dest="image_format")
     build.add_argument("--quality", type=int, default=92, help="JPEG quality")
@@ -116,7 +117,7 @@ def run_build(args: argparse.Namespace) -> int:
             args.methods,
             args.input,
             generator=torch.Generator().manual_seed(args.seed),
-            top_k=args.top_k,
+            top_k=args.top_k if args.top_k is not None else min(3, len(args.methods)),
             max_side=args.max_side,
             image_format=args.image_format,
             quality=args.quality,

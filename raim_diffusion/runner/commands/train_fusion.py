@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 _DESCRIPTION = """\
 Train a FusionNet the way it is used at inference: every GT crop is degraded with the
@@ -64,8 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train; returns 0 on success, 1 on a configuration or data error."""
+    """Train; returns 0 on success, 2 on a configuration or data error (one line)."""
     from raim_diffusion.errors import RaimError
+    from raim_diffusion.runner.common import report_usage_error
     from raim_diffusion.training.config import load_train_config
     from raim_diffusion.training.trainer import FusionTrainer
 
@@ -81,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
             trainer = FusionTrainer(config, args.data, args.out, val_dir=args.val)
         result = trainer.train(args.max_steps, resume=args.resume)
     except (RaimError, ValueError, FileNotFoundError) as err:
-        print(f"raim train-fusion: error: {err}", file=sys.stderr)
-        return 1
+        return report_usage_error("train-fusion", err)
     if result.model_dir is not None:
         print(f"trained {result.step} steps; generator saved to {result.model_dir}")
     return 0
