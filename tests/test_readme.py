@@ -166,6 +166,11 @@ def _adapt(argv: list[str]) -> list[str]:
     if command == "train-fusion":
         # The default preset needs the ImageNet VGG19 weights and trains for hours.
         return [*argv, "--config", "tiny", "--max-steps", "2"]
+    if command == "train-prior":
+        # Two steps are enough to check the command and that it writes OUT/prior.
+        return [*argv, "--max-steps", "2"]
+    if command == "presets":
+        return argv
     raise AssertionError(f"README command `{shlex.join(argv)}` is not classified in this test")
 
 
@@ -274,6 +279,9 @@ def test_command_lines_run(tmp_path):
     assert (work / "scores.csv").read_text().startswith("file,psnr,ssim")
     assert (work / "study.html").is_file() and (work / "study.key.json").is_file()
     assert (work / "runs" / "fusion" / "fusion" / "config.json").is_file()
+    from raim_diffusion.prior import load_prior
+
+    assert load_prior(work / "runs" / "prior" / "prior").scale >= 1
     assert (fresh / "restored" / "chelsea.jpg").is_file()
 
 
