@@ -260,6 +260,10 @@ def _run(args: argparse.Namespace, progress: dict[str, Any]) -> int:
         restore = build_restorer(config, device)
     except (MissingWeightsError, FileNotFoundError, ValueError) as err:
         return report_usage_error("restore", err)
+    # Long single images: a second bar shows the denoising steps inside the current image.
+    show_steps = getattr(restore, "show_progress", None)  # any (image, job) callable will do
+    if show_steps is not None:
+        show_steps(not args.quiet and state.is_local_main_process)
     run_id = new_run_id()
     try:
         if state.is_main_process:
