@@ -711,6 +711,26 @@ class RaimPipeline(DiffusionPipeline):
         tile = max(tile // unit * unit, unit)
         return None if tile >= max(latent_hw) else tile
 
+    def _vae_tile(self, vae_tile: int | None, hw: tuple[int, int]) -> int | None:
+        """Pixel tile of the VAE: `None` picks one from free memory (untiled when the image
+        fits), 0 never tiles."""
+        if vae_tile is None:
+            return auto_vae_tile(*hw, self._execution_device)
+        return None if vae_tile == 0 else vae_tile
+
+    def _encode(self, images: torch.Tensor, vae_tile: int | None) -> torch.Tensor:
+        # Overlaps scale with the tile so that small tiles do not degenerate into 1-px strides.
+        overlap = 0 if vae_tile is None else min(64, vae_tile // 4)
+        return encode_latents(self.vae, images, tile=vae_tile, overlap=overlap)
+
+    def _decode(self, latents: torch.Tensor, vae_tile: int | None) -> torch.Tensor:
+        if vae_tile is None:
+            return decode_latents(self.vae, latents)
+        latent_tile = max(vae_tile // self.vae_scale_factor, 1)
+        return decode_latents(
+            self.vae, latents, tile=latent_tile, overlap=min(8, latent_tile // 4)
+        )
+
     def generate(
         self,
         x_prior: torch.Tensor,
@@ -751,16 +771,8 @@ class RaimPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
 
         # 2a. The prior's latent: the posterior mean, so it does not depend on the seed.
-        # VAE tiles: None picks a size from free memory (untiled when it fits), 0 never tiles.
-        if vae_tile is None:
-            vae_tile = auto_vae_tile(*x_prior.shape[-2:], device)
-        elif vae_tile == 0:
-            vae_tile = None
-        # Overlaps scale with the tile so that small tiles do not degenerate into 1-px strides.
-        vae_overlap = None if vae_tile is None else min(64, vae_tile // 4)
-        z_prior = encode_latents(
-            self.vae, x_prior, tile=vae_tile, overlap=vae_overlap or 0
-        ).to(device, dtype)
+        vae_tile = self._vae_tile(vae_tile, tuple(x_prior.shape[-2:]))
+        z_prior = self._encode(x_prior, vae_tile).to(device, dtype)
 
         # 2b. Text conditioning, [uncond; cond] for classifier-free guidance.
         cfg = _uses_cfg(guidance_scale, guidance_scale_start)
@@ -851,14 +863,7 @@ class RaimPipeline(DiffusionPipeline):
         )
 
         # 2e. Decode.
-        if output_type == "latent":
-            return latents
-        if vae_tile is None:
-            return decode_latents(self.vae, latents)
-        latent_tile = max(vae_tile // self.vae_scale_factor, 1)
-        return decode_latents(
-            self.vae, latents, tile=latent_tile, overlap=min(8, latent_tile // 4)
-        )
+        return latents if output_type == "latent" else self._decode(latents, vae_tile)
 
     def generate_supir(
         self,
@@ -905,11 +910,7 @@ class RaimPipeline(DiffusionPipeline):
         device = self._execution_device
         n = x_lq.shape[0]
         dtype = self.unet.dtype
-        if vae_tile is None:
-            vae_tile = auto_vae_tile(*x_lq.shape[-2:], device)
-        elif vae_tile == 0:
-            vae_tile = None
-        vae_overlap = None if vae_tile is None else min(64, vae_tile // 4)
+        vae_tile = self._vae_tile(vae_tile, tuple(x_lq.shape[-2:]))
 
         # 2a. Stage 1: the control latent (degradation-robust encoder) and the guidance centre.
         if supir_stage1 == "supir":
@@ -918,9 +919,7 @@ class RaimPipeline(DiffusionPipeline):
             )
         else:
             lq_latent = self.supir_denoise_encoder.encode(x_lq, self.vae).float()
-            x_center = encode_latents(
-                self.vae, x_prior, tile=vae_tile, overlap=vae_overlap or 0
-            ).float()
+            x_center = self._encode(x_prior, vae_tile).float()
             x_stage1 = x_prior
         lq_latent, x_center = lq_latent.to(device), x_center.to(device)
 
@@ -996,15 +995,7 @@ class RaimPipeline(DiffusionPipeline):
             )
 
         # 2e. Decode.
-        if output_type == "latent":
-            return latents, x_stage1
-        if vae_tile is None:
-            return decode_latents(self.vae, latents), x_stage1
-        latent_tile = max(vae_tile // self.vae_scale_factor, 1)
-        images = decode_latents(
-            self.vae, latents, tile=latent_tile, overlap=min(8, latent_tile // 4)
-        )
-        return images, x_stage1
+        return (latents if output_type == "latent" else self._decode(latents, vae_tile)), x_stage1
 
     # ------------------------------------------------------------------ call
 
