@@ -28,11 +28,8 @@ from raim_diffusion.training.loop import TrainingLoop, lr_factor, mix_seed
 from raim_diffusion.training.losses import (
     PerceptualLoss,
     SMPatchDiscriminator,
-    discriminator_loss,
-    generator_adversarial_loss,
-    masked_l1,
-    soft_mask_labels,
 )
+from raim_diffusion.training.trainer import inpainting_step
 from raim_diffusion.training.triplets import (
     TripletDataset,
     find_triplets,
@@ -151,51 +148,10 @@ class AlignFusionTrainer(TrainingLoop):
         self.setup_models(generator, opt_g, factor, disc, opt_d, factor)
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        acc = self.accelerator
-        lc = self.config.loss
         s1, s2, gt, mask = (batch[k].to(self.device, non_blocking=True)
                             for k in ("s1", "s2", "gt", "mask"))
-        self.generator.train()
-        logs: dict[str, float] = {}
-        disc_plain = acc.unwrap_model(self.disc) if self.disc is not None else None
-        if disc_plain is not None:
-            disc_plain.requires_grad_(False)
-        with acc.autocast():
-            out = self.generator(s2, s1, mask).float()
-            hole, valid = masked_l1(out, gt, mask, lc.eps)
-            loss = lc.hole * hole + lc.valid * valid
-            logs.update(hole=hole.item(), valid=valid.item())
-            if self.perceptual is not None:
-                perc, style = self.perceptual(out, gt)
-                loss = loss + lc.perceptual * perc + lc.style * style
-                logs.update(perceptual=perc.item(), style=style.item())
-            if disc_plain is not None:
-                adv = generator_adversarial_loss(
-                    disc_plain(out).float(),
-                    mask,
-                    reproduce_aot_code_form=lc.reproduce_aot_code_form,
-                    eps=lc.eps,
-                )
-                loss = loss + lc.adversarial * adv
-                logs["adv_g"] = adv.item()
-        self.backward_and_step(loss, self.generator, self.opt_g, self.sched_g)
-        logs["loss"] = loss.item()
-        logs["lr_g"] = self.sched_g.get_last_lr()[0]
-
-        if self.disc is not None:
-            disc_plain.requires_grad_(True)
-            labels = soft_mask_labels(mask, lc.soft_label_kernel, lc.soft_label_sigma)
-            with acc.autocast():
-                scores = self.disc(torch.cat([out.detach(), gt])).float()
-                d_fake, d_real = scores.chunk(2)
-                loss_d = discriminator_loss(
-                    d_fake, d_real, labels, reproduce_aot_code_form=lc.reproduce_aot_code_form
-                )
-            self.backward_and_step(loss_d, self.disc, self.opt_d, self.sched_d)
-            logs["loss_d"] = loss_d.item()
-
-        self.update_ema()
-        return logs
+        # The discriminator judges the whole output: outside the mask it must stay I_s2.
+        return inpainting_step(self, lambda: self.generator(s2, s1, mask), gt, mask)
 
     def has_validation(self) -> bool:
         return bool(self.val_files)

@@ -9,6 +9,7 @@ Seeding, EMA, checkpoints, exact resume and logs are the loop's (`raim_diffusion
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +43,76 @@ from raim_diffusion.training.validation import ValidationMetrics
 logger = logging.get_logger(__name__)
 
 __all__ = ["FusionTrainer", "TrainResult", "latest_checkpoint"]
+
+
+def inpainting_step(
+    trainer: TrainingLoop,
+    forward: Callable[[], torch.Tensor],
+    gt: torch.Tensor,
+    mask: torch.Tensor,
+    fake: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """One optimisation step of a fusion generator with the inpainting losses (STTN hole/valid
+    L1, AOT perceptual/style, SM-PatchGAN LSGAN), then its discriminator; shared by every fusion
+    trainer.
+
+    Args:
+        trainer: a `TrainingLoop` with ``generator``, ``disc`` (or `None`), ``perceptual`` (or
+            `None`), the optimisers and schedulers, and ``config.loss``.
+        forward: runs the generator (under autocast) and returns its output.
+        gt (`torch.Tensor`), mask (`torch.Tensor`): targets and the 1-inside mask.
+        fake: what the discriminator judges, from the output (the output itself by default).
+
+    Returns:
+        `dict[str, float]`: the logged values.
+    """
+    acc = trainer.accelerator
+    lc = trainer.config.loss
+    trainer.generator.train()
+    logs: dict[str, float] = {}
+    disc_plain = acc.unwrap_model(trainer.disc) if trainer.disc is not None else None
+    if disc_plain is not None:
+        disc_plain.requires_grad_(False)
+    with acc.autocast():
+        out = forward().float()
+        hole, valid = masked_l1(out, gt, mask, lc.eps)
+        loss = lc.hole * hole + lc.valid * valid
+        logs.update(hole=hole.item(), valid=valid.item())
+        if trainer.perceptual is not None:
+            perc, style = trainer.perceptual(out, gt)
+            loss = loss + lc.perceptual * perc + lc.style * style
+            logs.update(perceptual=perc.item(), style=style.item())
+        judged = out if fake is None else fake(out)
+        if disc_plain is not None:
+            # The unwrapped discriminator: its parameters are frozen for this pass and going
+            # through DDP here would leave a reduction pending.
+            adv = generator_adversarial_loss(
+                disc_plain(judged).float(),
+                mask,
+                reproduce_aot_code_form=lc.reproduce_aot_code_form,
+                eps=lc.eps,
+            )
+            loss = loss + lc.adversarial * adv
+            logs["adv_g"] = adv.item()
+    trainer.backward_and_step(loss, trainer.generator, trainer.opt_g, trainer.sched_g)
+    logs["loss"] = loss.item()
+    logs["lr_g"] = trainer.sched_g.get_last_lr()[0]
+
+    if trainer.disc is not None:
+        disc_plain.requires_grad_(True)
+        labels = soft_mask_labels(mask, lc.soft_label_kernel, lc.soft_label_sigma)
+        with acc.autocast():
+            # One pass over fake and real keeps DDP to a single forward per backward.
+            scores = trainer.disc(torch.cat([judged.detach(), gt])).float()
+            d_fake, d_real = scores.chunk(2)
+            loss_d = discriminator_loss(
+                d_fake, d_real, labels, reproduce_aot_code_form=lc.reproduce_aot_code_form
+            )
+        trainer.backward_and_step(loss_d, trainer.disc, trainer.opt_d, trainer.sched_d)
+        logs["loss_d"] = loss_d.item()
+
+    trainer.update_ema()
+    return logs
 
 
 class FusionTrainer(TrainingLoop):
@@ -158,55 +229,12 @@ class FusionTrainer(TrainingLoop):
         return gt, lq, mask, composite
 
     def _train_step(self, gt_batch: torch.Tensor) -> dict[str, float]:
-        acc = self.accelerator
-        lc = self.config.loss
         gt, lq, mask, composite = self._inputs(gt_batch, self.step)
-        self.generator.train()
-        logs: dict[str, float] = {}
-
-        disc_plain = acc.unwrap_model(self.disc) if self.disc is not None else None
-        if disc_plain is not None:
-            disc_plain.requires_grad_(False)
-        with acc.autocast():
-            out = self.generator(lq, mask, composite).float()
-            hole, valid = masked_l1(out, gt, mask, lc.eps)
-            loss = lc.hole * hole + lc.valid * valid
-            logs.update(hole=hole.item(), valid=valid.item())
-            if self.perceptual is not None:
-                perc, style = self.perceptual(out, gt)
-                loss = loss + lc.perceptual * perc + lc.style * style
-                logs.update(perceptual=perc.item(), style=style.item())
-            comp = (1 - mask) * gt + mask * out
-            if disc_plain is not None:
-                # The unwrapped discriminator: its parameters are frozen for this pass and
-                # going through DDP here would leave a reduction pending.
-                adv = generator_adversarial_loss(
-                    disc_plain(comp).float(),
-                    mask,
-                    reproduce_aot_code_form=lc.reproduce_aot_code_form,
-                    eps=lc.eps,
-                )
-                loss = loss + lc.adversarial * adv
-                logs["adv_g"] = adv.item()
-        self.backward_and_step(loss, self.generator, self.opt_g, self.sched_g)
-        logs["loss"] = loss.item()
-        logs["lr_g"] = self.sched_g.get_last_lr()[0]
-
-        if self.disc is not None:
-            disc_plain.requires_grad_(True)
-            labels = soft_mask_labels(mask, lc.soft_label_kernel, lc.soft_label_sigma)
-            with acc.autocast():
-                # One pass over fake and real keeps DDP to a single forward per backward.
-                scores = self.disc(torch.cat([comp.detach(), gt])).float()
-                d_fake, d_real = scores.chunk(2)
-                loss_d = discriminator_loss(
-                    d_fake, d_real, labels, reproduce_aot_code_form=lc.reproduce_aot_code_form
-                )
-            self.backward_and_step(loss_d, self.disc, self.opt_d, self.sched_d)
-            logs["loss_d"] = loss_d.item()
-
-        self.update_ema()
-        return logs
+        # The discriminator judges the composite: GT outside the mask, the output inside.
+        return inpainting_step(
+            self, lambda: self.generator(lq, mask, composite), gt, mask,
+            fake=lambda out: (1 - mask) * gt + mask * out,
+        )
 
     # ---------------------------------------------------------------- validation / export
 
