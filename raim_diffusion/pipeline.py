@@ -541,7 +541,7 @@ class RaimPipeline(DiffusionPipeline):
             return up
         # x_lq is on the execution device, where .to() or the offload hooks put the prior too.
         # Its range was checked once at the top of __call__.
-        out = self.prior(x_lq, outscale=upscale, check_range=False)
+        out = self.prior(x_lq, upscale, check_range=False)
         out = out.float().to(x_lq.device).clamp_(0, 1)
         if input_blend > 0:
             out = torch.lerp(out, up, input_blend)

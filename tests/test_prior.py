@@ -491,3 +491,16 @@ def test_cuda_auto_dtype_and_tiling(files):
     assert y.device == x.device and y.dtype == torch.float32 and y.shape == (1, 3, 160, 144)
     ref = load_prior(files["esrgan.pth"])(x)
     torch.testing.assert_close(y, ref, rtol=0, atol=2e-2)
+
+
+def test_upscale_is_the_scale_name_and_outscale_a_deprecated_alias():
+    from raim_diffusion.testing import tiny_prior
+
+    prior = tiny_prior(2)
+    x = _rand(1, 3, 8, 10)
+    assert prior(x, upscale=1).shape == (1, 3, 8, 10)
+    with pytest.warns(FutureWarning, match="upscale"):
+        old = prior(x, outscale=1.5)
+    assert torch.equal(old, prior(x, upscale=1.5))
+    with pytest.raises(ValueError, match="disagree"):
+        prior(x, upscale=2, outscale=1)

@@ -221,7 +221,7 @@ def load_prior(
     Example:
         ```py
         prior = load_prior("RealESRGAN_x4plus.pth", "cuda")
-        restored = prior(lq, outscale=2)  # x4 network, x2 output
+        restored = prior(lq, upscale=2)  # x4 network, x2 output
         ensemble = load_prior(["a.safetensors", "b.pth"], weights=[0.8, 0.2])
         ```
     """

@@ -680,7 +680,12 @@ class PriorModel(ModelMixin, ConfigMixin):
         )
 
     def forward(
-        self, x: torch.Tensor, outscale: float | None = None, *, check_range: bool = True
+        self,
+        x: torch.Tensor,
+        upscale: float | None = None,
+        *,
+        check_range: bool = True,
+        outscale: float | None = None,
     ) -> torch.Tensor:
         """Restore ``x``.
 
@@ -688,19 +693,28 @@ class PriorModel(ModelMixin, ConfigMixin):
             x (`torch.Tensor`): ``(N, C, H, W)`` float in ``[0, 1]``, C = 1 or 3 (or the
                 members' channel count); any device: tiles travel to the model's device, and
                 the result comes back to ``x.device``.
-            outscale (`float`, *optional*): Output size relative to ``x``; defaults to
-                [`scale`]. A different value resamples the native output (bicubic, antialiased),
-                e.g. ``1`` to use an x4 model as a same-size restorer.
+            upscale (`float`, *optional*): Output size relative to ``x`` (the package's one
+                name for it); defaults to [`scale`]. A different value resamples the native
+                output (`raim_diffusion.ops.resize`), e.g. ``1`` to use an x4 model as a
+                same-size restorer.
             check_range (`bool`, defaults to `True`): refuse NaN, inf and values outside
                 [0, 1]; off for callers that checked once already (the pipeline).
+            outscale (`float`, *optional*): deprecated alias of ``upscale``.
 
         Returns:
             `torch.Tensor`: ``(N, C, round(H * s), round(W * s))`` float32 in ``[0, 1]`` on
-            ``x.device``, ``s`` being ``outscale`` or [`scale`].
+            ``x.device``, ``s`` being ``upscale`` or [`scale`].
         """
+        if outscale is not None:
+            if upscale is not None and upscale != outscale:
+                raise ValueError(f"upscale={upscale!r} and its deprecated alias outscale="
+                                 f"{outscale!r} disagree; pass upscale only")
+            warnings.warn("PriorModel(..., outscale=) is deprecated; use upscale=",
+                          FutureWarning, stacklevel=2)
+            upscale = outscale
         x = check_image(x, "x", check_range)
-        _check_outscale(outscale)
-        outscale = self.config.outscale if outscale is None else outscale
+        _check_outscale(upscale)
+        outscale = self.config.outscale if upscale is None else upscale
         x = x.float()
         h, w = x.shape[-2:]
         tile = self.config.tile
@@ -795,7 +809,9 @@ def _check_outscale(outscale: Any) -> None:
         or not isinstance(outscale, (int, float))
         or not (math.isfinite(outscale) and outscale > 0)
     ):
-        raise ValueError(f"outscale must be None or a positive number, got {outscale!r}")
+        raise ValueError(
+            f"upscale (formerly outscale) must be None or a positive number, got {outscale!r}"
+        )
 
 
 def _check_tiling(tile: Any, overlap: Any, weight: Any, max_batch: Any) -> None:

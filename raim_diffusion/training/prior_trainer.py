@@ -483,7 +483,7 @@ class PriorTrainer(TrainingLoop):
                     f"validation pair {gt_path.name}: GT {tuple(gt.shape[-2:])} is not "
                     f"{self.scale}x the LQ {tuple(lq.shape[-2:])}"
                 )
-            out = prior(lq, outscale=self.scale).clamp(0, 1)
+            out = prior(lq, upscale=self.scale).clamp(0, 1)
             up = resize(lq, tuple(gt.shape[-2:])).clamp(0, 1)
             for key, value in self._metrics(out, gt).items():
                 sums[key] = sums.get(key, 0.0) + value
