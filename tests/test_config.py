@@ -160,3 +160,13 @@ def test_schedule_parameters_go_through_one_argument():
     assert call_kwargs(config)["consistency_schedule_kwargs"] == {"power": 4}
     assert call_kwargs(load_config("mialgo"))["input_blend"] == 0.2
     assert call_kwargs(load_config("sdxl", ["fuse.tile=256"]))["fusion_tile"] == 256
+
+
+def test_make_tiny_keeps_a_trained_local_fusion_folder(tmp_path):
+    """A network just trained with raim train-fusion runs under --tiny; a named folder that is
+    not here becomes a tiny random network of the configured architecture."""
+    trained = tmp_path / "fusion"
+    trained.mkdir()
+    config = load_config("so-elegant", [f"fuse.fusion={trained}"])
+    assert make_tiny(config).fuse.fusion == str(trained)
+    assert make_tiny(load_config("so-elegant")).fuse.fusion == "tiny:AlignFusionNet"

@@ -353,7 +353,8 @@ def make_tiny(config: DictConfig) -> DictConfig:
     The pipeline's structure and settings are kept: stages, guidance, schedules, thresholds,
     fusion. SD/SDXL become tiny random pipelines (``tiny:sd15`` / ``tiny:sdxl``), the prior a
     tiny random compact network (``tiny:prior-x2``: seconds per image on a CPU), the segmenter
-    is dropped (uniform class weights), a fusion network becomes a tiny random one, a SUPIR
+    is dropped (uniform class weights), a fusion network that is not a local folder becomes a
+    tiny random one of its architecture (a trained local folder is kept), a SUPIR
     checkpoint becomes tiny random SUPIR components (``tiny:supir``), and sizes that only make
     sense for real models (``min_size``) are capped. ``tiny`` is set, so the
     run's record says it is a tiny run.
@@ -380,7 +381,9 @@ def make_tiny(config: DictConfig) -> DictConfig:
     tiny.prior.name = swap(names) if isinstance(names, str) else [swap(n) for n in names]
     tiny.detect.segmenter = None
     tiny.detect.sam = None
-    if tiny.fuse.fusion is not None:
+    # A fusion folder that exists here (e.g. a tiny network just trained with raim train-fusion)
+    # is kept; one that is only named (weights you do not have) becomes a tiny random network.
+    if tiny.fuse.fusion is not None and not Path(str(tiny.fuse.fusion)).is_dir():
         tiny.fuse.fusion = TINY_PREFIX + tiny.fuse.architecture
     return tiny
 
