@@ -24,7 +24,7 @@ from raim_diffusion.fusion.align import AlignFusionNet
 from raim_diffusion.images import load_image, save_image
 from raim_diffusion.training.config import TrainConfig
 from raim_diffusion.training.data import center_crop
-from raim_diffusion.training.loop import TrainingLoop, lr_factor, mix_seed
+from raim_diffusion.training.loop import TrainingLoop, loop_settings, lr_factor, mix_seed
 from raim_diffusion.training.losses import (
     PerceptualLoss,
     SMPatchDiscriminator,
@@ -88,22 +88,7 @@ class AlignFusionTrainer(TrainingLoop):
                 "AlignFusionTrainer trains model.architecture=AlignFusionNet, got "
                 f"{cfg.model.architecture!r}"
             )
-        super().__init__(
-            config=cfg,
-            seed=cfg.seed,
-            output_dir=output_dir,
-            max_steps=cfg.max_steps,
-            ema_decay=cfg.ema_decay,
-            mixed_precision=cfg.mixed_precision,
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
-            log_every=cfg.log_every,
-            checkpoint_every=cfg.checkpoint_every,
-            keep_checkpoints=cfg.keep_checkpoints,
-            val_every=cfg.val_every,
-            grad_clip=cfg.optim.grad_clip,
-            accelerator=accelerator,
-        )
+        super().__init__(**loop_settings(cfg), output_dir=output_dir, accelerator=accelerator)
         folders = _as_list(data_dir)
         triplets = [t for d in folders if is_triplet_folder(d) for t in find_triplets(d)]
         photos = [d for d in folders if not is_triplet_folder(d)]

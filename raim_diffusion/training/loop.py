@@ -131,6 +131,25 @@ class EMA:
             e.copy_(b)
 
 
+def loop_settings(config: Any) -> dict[str, Any]:
+    """The `TrainingLoop` arguments a training config sets (every trainer's config has the same
+    names for them: seed, steps, EMA, precision, batch, logging, checkpoints, validation)."""
+    return dict(
+        config=config,
+        seed=config.seed,
+        max_steps=config.max_steps,
+        ema_decay=config.ema_decay,
+        mixed_precision=config.mixed_precision,
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        val_every=config.val_every,
+        grad_clip=config.optim.grad_clip,
+    )
+
+
 class TrainingLoop:
     """Shared machinery of the trainers; subclasses fill in the task.
 

@@ -35,7 +35,7 @@ from raim_diffusion.training.config import (
 )
 from raim_diffusion.training.data import PairedCropDataset, center_crop, find_pairs
 from raim_diffusion.training.degradations import RealESRGANDegradation, usm_sharp
-from raim_diffusion.training.loop import TrainingLoop, TrainResult, lr_factor
+from raim_diffusion.training.loop import TrainingLoop, TrainResult, loop_settings, lr_factor
 from raim_diffusion.training.losses import (
     PerceptualLoss,
     UNetDiscriminatorSN,
@@ -205,22 +205,7 @@ class PriorTrainer(TrainingLoop):
         accelerator: Accelerator | None = None,
     ) -> None:
         cfg = config
-        super().__init__(
-            config=cfg,
-            seed=cfg.seed,
-            output_dir=output_dir,
-            max_steps=cfg.max_steps,
-            ema_decay=cfg.ema_decay,
-            mixed_precision=cfg.mixed_precision,
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
-            log_every=cfg.log_every,
-            checkpoint_every=cfg.checkpoint_every,
-            keep_checkpoints=cfg.keep_checkpoints,
-            val_every=cfg.val_every,
-            grad_clip=cfg.optim.grad_clip,
-            accelerator=accelerator,
-        )
+        super().__init__(**loop_settings(cfg), output_dir=output_dir, accelerator=accelerator)
         if (lq_dir is None) != (gt_dir is None):
             raise ValueError("paired data needs both an LQ folder (--lq) and a GT folder (--gt)")
         if (val_lq_dir is None) != (val_gt_dir is None):

@@ -26,6 +26,7 @@ from raim_diffusion.training.loop import (
     TrainingLoop,
     TrainResult,
     latest_checkpoint,
+    loop_settings,
     lr_factor,
     mix_seed,
 )
@@ -155,22 +156,7 @@ class FusionTrainer(TrainingLoop):
                 f"{cfg.model.architecture!r} (AlignFusionNet: raim_diffusion.training."
                 "align_trainer.AlignFusionTrainer, which `raim train-fusion` picks)"
             )
-        super().__init__(
-            config=cfg,
-            seed=cfg.seed,
-            output_dir=output_dir,
-            max_steps=cfg.max_steps,
-            ema_decay=cfg.ema_decay,
-            mixed_precision=cfg.mixed_precision,
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
-            log_every=cfg.log_every,
-            checkpoint_every=cfg.checkpoint_every,
-            keep_checkpoints=cfg.keep_checkpoints,
-            val_every=cfg.val_every,
-            grad_clip=cfg.optim.grad_clip,
-            accelerator=accelerator,
-        )
+        super().__init__(**loop_settings(cfg), output_dir=output_dir, accelerator=accelerator)
         self.dataset = HQImageDataset(
             data_dir,
             cfg.data.crop_size,
