@@ -130,18 +130,10 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything fusion training needs besides the data folders.
+class LoopConfig:
+    """What every trainer's loop reads (see `raim_diffusion.training.loop.loop_settings`).
 
     Args:
-        model: generator preset.
-        data: crops and loader.
-        masks: random hole masks.
-        degradation: Real-ESRGAN second-order degradation (``scale`` must stay 1).
-        loss: loss weights.
-        perceptual: the VGG19 feature extractor of the perceptual and style losses.
-        optim: optimisers and learning-rate schedule.
-        triplets: synthetic triplets and the real/synthetic mix (``AlignFusionNet`` only).
         max_steps: optimisation steps.
         ema_decay: EMA decay of the generator (0 disables EMA; the raw generator is exported).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (passed to accelerate).
@@ -154,14 +146,6 @@ class TrainConfig:
         val_max_images: validation images used.
     """
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    masks: MaskConfig = field(default_factory=MaskConfig)
-    degradation: DegradationConfig = field(default_factory=DegradationConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    triplets: TripletConfig = field(default_factory=TripletConfig)
     max_steps: int = 400_000
     ema_decay: float = 0.999
     mixed_precision: str = "no"
@@ -172,6 +156,32 @@ class TrainConfig:
     val_every: int = 5000
     val_crop_size: int = 512
     val_max_images: int = 16
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Everything fusion training needs besides the data folders.
+
+    Args:
+        model: generator preset.
+        data: crops and loader.
+        masks: random hole masks.
+        degradation: Real-ESRGAN second-order degradation (``scale`` must stay 1).
+        loss: loss weights.
+        perceptual: the VGG19 feature extractor of the perceptual and style losses.
+        optim: optimisers and learning-rate schedule.
+        triplets: synthetic triplets and the real/synthetic mix (``AlignFusionNet`` only).
+        max_steps, ema_decay, ...: the loop's settings, see `LoopConfig`.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    triplets: TripletConfig = field(default_factory=TripletConfig)
 
 
 def _presets_dir(kind: str = "fusion") -> Path:
@@ -399,7 +409,7 @@ class PhaseConfig:
 
 
 @dataclass
-class PriorTrainConfig:
+class PriorTrainConfig(LoopConfig):
     """Everything prior training needs besides the data folders.
 
     Args:
@@ -427,16 +437,8 @@ class PriorTrainConfig:
     )
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(betas=[0.9, 0.99]))
     phases: list[PhaseConfig] = field(default_factory=list)
-    max_steps: int = 100_000
-    ema_decay: float = 0.999
-    mixed_precision: str = "no"
-    seed: int = 0
-    log_every: int = 100
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 3
-    val_every: int = 5000
+    max_steps: int = 100_000  # the loop's settings (LoopConfig) with the prior's own defaults
     val_crop_size: int = 0
-    val_max_images: int = 16
 
 
 def load_prior_train_config(
