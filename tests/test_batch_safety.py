@@ -439,3 +439,17 @@ def test_upscale_sets_the_output_scale_and_outscale_is_a_deprecated_alias(tmp_pa
 def test_jobs_are_keyed_by_path_under_the_output_folder():
     job = Job(Path("/in/sub/a.png"), Path("/out/sub/a.png"), Path("sub/a.png"))
     assert job.key == "sub/a.png"
+
+
+def test_file_links_keep_their_place_in_the_layout_and_fail_by_their_own_name(tmp_path):
+    """A link to a file outside the input folder does not re-root the outputs; a broken link
+    fails as its own job, named by the link."""
+    src, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    _img(src / "a" / "x.png")
+    _img(elsewhere / "far" / "o.png", seed=1)
+    (src / "a" / "link.png").symlink_to(elsewhere / "far" / "o.png")
+    (src / "a" / "broken.png").symlink_to(tmp_path / "missing.png")
+    assert main(["restore", str(src), "-o", str(out), *PRIOR]) == 1
+    assert sorted(p.name for p in out.glob("*.png")) == ["link.png", "x.png"]
+    (failure,) = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failure["source"].endswith("broken.png") and "broken.png" in failure["error"]

@@ -122,6 +122,14 @@ def _is_reserved(key: str) -> bool:
     )
 
 
+def _identity(path: Path) -> Path:
+    """The file a path names (links followed), or the path itself for a broken or looping link."""
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
 def plan_jobs(
     inputs: Sequence[str | Path], outdir: str | Path, suffix: str | None = None
 ) -> list[Job]:
@@ -152,7 +160,13 @@ def plan_jobs(
     outdir = Path(outdir)
     check_output_not_input(list(inputs), outdir)
     found = find_images(list(inputs), exclude=(outdir,))
-    sources = list(dict.fromkeys(p.resolve() for p in found))
+    # Paths as found (absolute, lexical): a file link keeps its own name and place in the
+    # layout (its target may lie anywhere, or nowhere: it then fails as its own job). Two names
+    # of one file are restored once.
+    unique: dict[Path, Path] = {}
+    for p in found:
+        unique.setdefault(_identity(p), Path(os.path.abspath(p)))
+    sources = list(unique.values())
     targets = output_paths(sources, outdir, suffix=suffix)
     jobs = [Job(s, t, t.relative_to(outdir)) for s, t in zip(sources, targets, strict=True)]
     for job in jobs:
