@@ -354,3 +354,25 @@ def test_train_fusion_with_the_tiny_align_preset(tmp_path) -> None:
             "--set", "data.samples_per_epoch=2"]
     assert main(argv) == 0
     assert type(load_fusion(tmp_path / "cli" / "fusion")) is AlignFusionNet
+
+
+def test_synthetic_s1_can_be_a_real_priors_output(tmp_path, monkeypatch):
+    """triplets.s1_prior: I_s1 is the prior's same-size output on the degraded GT."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from raim_diffusion.prior import load_prior
+    from raim_diffusion.testing import tiny_prior
+    from raim_diffusion.training import degradations
+    from raim_diffusion.training.triplets import TripletConfig, TripletDataset
+
+    Image.fromarray(skdata.astronaut()[:80, :80]).save(tmp_path / "a.png")
+    tiny_prior(2).save_pretrained(tmp_path / "prior")
+    # With the degradation made the identity, I_s1 must be exactly prior(GT) at the GT's size.
+    monkeypatch.setattr(degradations.RealESRGANDegradation, "__call__", lambda self, x, g: x)
+    item = TripletDataset([], [tmp_path / "a.png"], 48, TripletConfig(
+        s1_prior=str(tmp_path / "prior")), hflip=False)[0]
+    expected = load_prior(tmp_path / "prior")(item["gt"][None], upscale=1)[0]
+    torch.testing.assert_close(item["s1"], expected.clamp(0, 1))
+    plain = TripletDataset([], [tmp_path / "a.png"], 48, TripletConfig(), hflip=False)[0]
+    assert not torch.allclose(plain["s1"], item["s1"])

@@ -67,6 +67,9 @@ class TripletConfig:
         real_ratio: share of real triplets when both triplet folders and HQ photos are given.
         mask_source: M of synthetic triplets: ``"planted"`` (the planted region), ``"detector"``
             (the DeSRA detector's mask on (I_s2, I_s1), as at inference) or ``"union"``.
+        s1_prior: a prior (built-in name, weights file or saved folder, as `load_prior` takes
+            it): I_s1 is then its same-size output on the GT degraded with Real-ESRGAN's
+            second-order degradation, a real stage-1 result, instead of blur/noise/JPEG of GT.
     """
 
     s1_blur: list[float] = field(default_factory=lambda: [0.4, 1.2])
@@ -81,6 +84,7 @@ class TripletConfig:
     strength: list[float] = field(default_factory=lambda: [0.6, 1.0])
     real_ratio: float = 0.5
     mask_source: str = "planted"
+    s1_prior: str | None = None
 
     def check(self) -> None:
         """Raise `ValueError` naming the first field out of range."""
@@ -286,6 +290,7 @@ class TripletDataset(Dataset):
         self.length = int(length) if length else len(self.files)
         self.epoch = 0
         self._detector = detector
+        self._s1_model: Any = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops ``__getitem__`` returns."""
@@ -300,6 +305,20 @@ class TripletDataset(Dataset):
 
             self._detector = ArtifactDetector(segmenter="none")
         return self._detector(s2[None], s1[None]).masks[0].float().cpu()
+
+    @torch.no_grad()
+    def _prior_s1(self, gt: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """I_s1 = the configured prior's same-size output on the degraded GT (loaded once per
+        worker process)."""
+        if self._s1_model is None:
+            from raim_diffusion.prior import load_prior
+
+            from .degradations import RealESRGANDegradation
+
+            self._s1_model = (load_prior(self.config.s1_prior), RealESRGANDegradation())
+        prior, degrade = self._s1_model
+        lq = degrade(gt[None], g).clamp(0, 1)
+        return prior(lq, upscale=1).clamp(0, 1)[0].float()
 
     def _real(self, index: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         paths = self.triplets[index % len(self.triplets)]
@@ -336,6 +355,8 @@ class TripletDataset(Dataset):
         top = int(torch.randint(0, h - c + 1, (1,), generator=g))
         left = int(torch.randint(0, w - c + 1, (1,), generator=g))
         item = synthesize_triplet(gt[:, top : top + c, left : left + c], g, self.config)
+        if self.config.s1_prior is not None:
+            item["s1"] = self._prior_s1(item["gt"], g)
         if self.config.mask_source != "planted":
             found = (self._mask_of(item["s2"], item["s1"]) > 0.5).float()
             planted = item["mask"] if self.config.mask_source == "union" else 0 * found
