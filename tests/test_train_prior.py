@@ -269,3 +269,61 @@ def test_cli_train_prior_and_restore(pairs: Path, tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("raim train-prior: error:") for line in err)
     assert "model.scale" in err[1]
+
+
+def test_niqe_patch_selection_keeps_the_best_scored_crop(tmp_path):
+    """MiAlgo's selection: of K candidate crops, the one with the lowest score is returned;
+    K = 1 is the plain random crop, unchanged."""
+    from raim_diffusion.training.data import PairedCropDataset
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, 32:] = (np.random.default_rng(0).random((64, 32, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "half.png")
+    files = [tmp_path / "half.png"]
+    # score = mean brightness: the selection must prefer the darkest (flat, left) crops
+    darkest = PairedCropDataset([], files, 16, niqe_candidates=8, seed=3,
+                                patch_scorer=lambda c: c.mean(dim=(1, 2, 3)), hflip=False)
+    plain = PairedCropDataset([], files, 16, seed=3, hflip=False)
+    picked = torch.stack([darkest[i]["gt"].mean() for i in range(8)])
+    random = torch.stack([plain[i]["gt"].mean() for i in range(8)])
+    assert picked.mean() < random.mean()
+    # K = 1 keeps today's crops (resumed runs and old configs reproduce).
+    assert torch.equal(PairedCropDataset([], files, 16, seed=3, niqe_candidates=1,
+                                         hflip=False)[0]["gt"], plain[0]["gt"])
+    with pytest.raises(ValueError, match="niqe_candidates"):
+        PairedCropDataset([], files, 16, niqe_candidates=0)
+
+
+def test_niqe_patch_selection_prefers_sharp_photo_crops(tmp_path, monkeypatch):
+    """With pyiqa's NIQE (the default scorer): a photo whose left half is blurred away gives
+    crops from the sharp half."""
+    import shutil
+
+    from tests.test_metrics import NIQE_PARAMS
+
+    if not NIQE_PARAMS.is_file():
+        pytest.skip(f"no NIQE parameters at {NIQE_PARAMS}")
+    pytest.importorskip("pyiqa")
+    home = tmp_path / "th"
+    (home / "hub" / "pyiqa").mkdir(parents=True)
+    shutil.copy(NIQE_PARAMS, home / "hub" / "pyiqa" / "niqe_modelparameters.mat")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    from PIL import ImageFilter
+
+    from raim_diffusion.training.data import PairedCropDataset
+
+    photo = Image.fromarray(data.astronaut()).resize((384, 192))
+    blurred = photo.filter(ImageFilter.GaussianBlur(6))
+    photo.paste(blurred.crop((0, 0, 192, 192)), (0, 0))
+    photo.save(tmp_path / "half.png")
+    ds = PairedCropDataset([], [tmp_path / "half.png"], 96, niqe_candidates=6, seed=1,
+                           hflip=False)
+    sharp_side = 0
+    for i in range(4):
+        crop = ds[i]["gt"]
+        whole = torch.from_numpy(np.asarray(photo)).permute(2, 0, 1).float() / 255
+        # where the crop came from: compare with the two halves' statistics
+        right = whole[:, :, 192:]
+        sharp_side += int(any(torch.allclose(crop, right[:, t:t + 96, x:x + 96], atol=1e-6)
+                              for t in range(0, 97) for x in range(0, 97)))
+    assert sharp_side >= 3

@@ -346,6 +346,8 @@ class PriorDataConfig:
         weak_ratio: share of synthetic samples degraded with ``degradation_weak`` instead of
             ``degradation`` (MiAlgo: 0.2).
         usm_gt: USM-sharpen the GT of synthetic pairs (Real-ESRGAN).
+        niqe_candidates: MiAlgo's patch selection: the best of this many random crops by NIQE
+            (needs pyiqa and its NIQE parameters); 1 is a plain random crop.
     """
 
     crop_size: int = 128
@@ -358,6 +360,7 @@ class PriorDataConfig:
     paired_ratio: float = 0.5
     weak_ratio: float = 0.0
     usm_gt: bool = False
+    niqe_candidates: int = 1
 
 
 @dataclass

@@ -280,6 +280,10 @@ class PairedCropDataset(Dataset):
         paired_ratio: share of paired items when both kinds exist, or a function of the step.
         weak_ratio: share of synthetic items to degrade weakly.
         seed, hflip, vflip, rot90, length: as for [`HQImageDataset`].
+        niqe_candidates: MiAlgo's patch selection: draw this many crop positions and keep the
+            one whose GT crop has the lowest NIQE (the most natural-looking); 1 disables it.
+            NIQE is pyiqa's (the ``eval`` extra) on the CPU.
+        patch_scorer: replaces NIQE as the score to minimise: ``(K, 3, h, w) -> (K,)``.
     """
 
     def __init__(
@@ -296,9 +300,13 @@ class PairedCropDataset(Dataset):
         vflip: bool = False,
         rot90: bool = False,
         length: int | None = None,
+        niqe_candidates: int = 1,
+        patch_scorer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not pairs and not hq_files:
             raise ValueError("give paired LQ/GT folders, HQ photos, or both")
+        if niqe_candidates < 1:
+            raise ValueError(f"data.niqe_candidates must be >= 1, got {niqe_candidates}")
         if crop_size % scale:
             raise ValueError(f"data.crop_size={crop_size} must be a multiple of the scale {scale}")
         self.pairs, self.hq_files = list(pairs), list(hq_files)
@@ -310,6 +318,8 @@ class PairedCropDataset(Dataset):
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.length = int(length) if length else len(self.files)
         self.epoch = 0
+        self.candidates = int(niqe_candidates)
+        self._scorer = patch_scorer
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops ``__getitem__`` returns."""
@@ -317,6 +327,29 @@ class PairedCropDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def _position(
+        self, gt: torch.Tensor, unit: int, g: torch.Generator
+    ) -> tuple[int, int]:
+        """Top-left of the crop in units of ``unit`` GT pixels (the LQ grid for pairs): one
+        random draw, or the best of ``niqe_candidates`` draws by the patch score."""
+        c = self.crop_size
+        rows, cols = (gt.shape[-2] - c) // unit + 1, (gt.shape[-1] - c) // unit + 1
+        tops = torch.randint(0, rows, (self.candidates,), generator=g).tolist()
+        lefts = torch.randint(0, cols, (self.candidates,), generator=g).tolist()
+        if self.candidates == 1:
+            return tops[0], lefts[0]
+        if self._scorer is None:
+            from raim_diffusion.metrics.iqa import IQAMetrics
+
+            niqe = IQAMetrics("niqe", device="cpu")
+            self._scorer = lambda crops: niqe(crops)["niqe"]
+        crops = torch.stack([gt[:, t * unit : t * unit + c, x * unit : x * unit + c]
+                             for t, x in zip(tops, lefts, strict=True)])
+        # NIQE is undefined (NaN) on flat patches: those are never the most natural.
+        scores = torch.nan_to_num(self._scorer(crops).double(), nan=float("inf"))
+        best = int(torch.argmin(scores))
+        return tops[best], lefts[best]
 
     def _load_pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         lq_path, gt_path = self.pairs[i]
@@ -347,17 +380,13 @@ class PairedCropDataset(Dataset):
             lq, gt = self._load_pair(index % len(self.pairs))
             lq = pad_to_min_size(lq, c // s, c // s)
             gt = pad_to_min_size(gt, lq.shape[-2] * s, lq.shape[-1] * s)
-            h, w = lq.shape[-2:]
-            top = int(torch.randint(0, h - c // s + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - c // s + 1, (1,), generator=g))
+            top, left = self._position(gt, s, g)
             lq = lq[:, top : top + c // s, left : left + c // s]
             gt = gt[:, top * s : top * s + c, left * s : left * s + c]
         else:
             gt = load_image(self.hq_files[index % len(self.hq_files)]).tensor[0]
             gt = pad_to_min_size(gt, c, c)
-            h, w = gt.shape[-2:]
-            top = int(torch.randint(0, h - c + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - c + 1, (1,), generator=g))
+            top, left = self._position(gt, 1, g)
             gt = gt[:, top : top + c, left : left + c]
             lq = torch.zeros(gt.shape[0], c // s, c // s)
         flips = torch.rand(3, generator=g)

@@ -249,6 +249,7 @@ class PriorTrainer(TrainingLoop):
             hflip=cfg.data.hflip,
             vflip=cfg.data.vflip,
             rot90=cfg.data.rot90,
+            niqe_candidates=cfg.data.niqe_candidates,
         )
         try:
             self.dataset.check_first_pair()
