@@ -21,15 +21,13 @@ from diffusers.utils import logging
 
 from raim_diffusion.files import find_images
 from raim_diffusion.fusion.align import AlignFusionNet
-from raim_diffusion.images import load_image, save_image
 from raim_diffusion.training.config import TrainConfig
-from raim_diffusion.training.data import center_crop
 from raim_diffusion.training.loop import TrainingLoop, loop_settings, lr_factor, mix_seed
 from raim_diffusion.training.losses import (
     PerceptualLoss,
     SMPatchDiscriminator,
 )
-from raim_diffusion.training.trainer import inpainting_step
+from raim_diffusion.training.trainer import inpainting_step, validate_on_files
 from raim_diffusion.training.triplets import (
     TripletDataset,
     find_triplets,
@@ -141,37 +139,20 @@ class AlignFusionTrainer(TrainingLoop):
     def has_validation(self) -> bool:
         return bool(self.val_files)
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """PSNR/SSIM of the (EMA) network and of I_s2 on fixed synthetic triplets; writes
         comparison PNGs (I_s1 | I_s2 | mask | output | GT)."""
-        if not self.val_files:
-            return {}
         cfg = self.config
-        if self._metrics is None:
-            self._metrics = ValidationMetrics(("psnr", "ssim"), self.device)
-        model = self.val_model()
-        was_training = model.training
-        model.eval()
-        folder = self.output_dir / "val" / f"step_{self.step:08d}"
-        scores: dict[str, list[float]] = {k: [] for k in self.val_fields[1:]}
-        for i, path in enumerate(self.val_files):
-            gt = load_image(path).tensor
-            if cfg.val_crop_size:
-                gt = center_crop(gt, cfg.val_crop_size, cfg.val_crop_size)
+
+        def run(i: int, gt: torch.Tensor, model: torch.nn.Module):
             # The same triplet at every validation, so the numbers are comparable.
             g = torch.Generator().manual_seed(mix_seed(cfg.seed, 7919, i, 3))
             item = synthesize_triplet(gt[0], g, cfg.triplets)
             s1, s2, mask, gt = (item[k][None].to(self.device) for k in ("s1", "s2", "mask", "gt"))
             out = model.restore(s2, s1, mask).to(gt.dtype)
-            for key, value in self._metrics(out, gt).items():
-                scores[key].append(value)
-            for key, value in self._metrics(s2, gt).items():
-                scores[f"{key}_s2"].append(value)
-            row = torch.cat([s1, s2, mask.expand_as(gt), out, gt], dim=-1)
-            save_image(row.clamp(0, 1).cpu(), folder / f"{i:03d}_{Path(path).stem}.png")
-        model.train(was_training)
-        return {k: sum(v) / len(v) for k, v in scores.items()}
+            return gt, out, s2, [s1, s2, mask.expand_as(gt), out, gt]
+
+        return validate_on_files(self, run, "s2")
 
     def export(self) -> Path:
         """Save the (EMA) network to ``output_dir/fusion``."""

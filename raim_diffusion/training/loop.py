@@ -160,8 +160,9 @@ class TrainingLoop:
     - ``validate() -> dict[str, float]``: metrics of the current (EMA) model, ``{}`` if none;
     - ``export() -> Path``: save the final model, return its folder (main process only).
 
-    Class attributes: ``name`` (progress bar), ``log_fields`` and ``val_fields`` (CSV columns)
-    and ``validate_at_start`` (also validate the starting point of a fresh run).
+    Class attributes: ``name`` (progress bar), ``log_fields`` and ``val_fields`` (CSV columns),
+    ``validate_at_start`` (also validate the starting point of a fresh run) and
+    ``items_keyed_by_step`` (the data set takes ``(index, step)`` keys, see `EpochSampler`).
 
     Args:
         seed: base seed of everything random.
@@ -180,6 +181,8 @@ class TrainingLoop:
     log_fields: list[str] = ["step", "epoch", "loss", "lr_g", "seconds"]
     val_fields: list[str] = ["step"]
     validate_at_start = False
+    # Data sets whose items depend on the training step take ``(index, step)`` keys.
+    items_keyed_by_step = False
 
     def __init__(
         self,
@@ -478,6 +481,7 @@ class TrainingLoop:
             rank=self.accelerator.process_index,
             start_batch=start,
             pin_memory=self.device.type == "cuda",
+            first_step=self.step if self.items_keyed_by_step else None,
         )
 
     def train(self, max_steps: int | None = None, *, resume: bool = False) -> TrainResult:

@@ -191,6 +191,7 @@ class PriorTrainer(TrainingLoop):
         "step", "epoch", "loss", *_LOSS_NAMES, "loss_d", "lr_g", "seconds", "images_per_second",
     ]  # fmt: skip
     validate_at_start = True
+    items_keyed_by_step = True  # the paired share and degradations follow the phase
 
     def __init__(
         self,
@@ -338,22 +339,6 @@ class PriorTrainer(TrainingLoop):
         return phase_value(self.config, name, step)
 
     # ---------------------------------------------------------------- data
-
-    def _batches(self, epoch: int, start: int) -> Iterable[Any]:
-        from raim_diffusion.training.data import make_dataloader
-
-        return make_dataloader(
-            self.dataset,
-            batch_size=self.batch_size,
-            epoch=epoch,
-            seed=self.seed,
-            num_workers=self.num_workers,
-            num_replicas=self.accelerator.num_processes,
-            rank=self.accelerator.process_index,
-            start_batch=start,
-            pin_memory=self.device.type == "cuda",
-            first_step=self.step,
-        )
 
     @torch.no_grad()
     def make_inputs(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:

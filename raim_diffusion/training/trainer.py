@@ -116,6 +116,42 @@ def inpainting_step(
     return logs
 
 
+@torch.no_grad()
+def validate_on_files(
+    trainer: TrainingLoop,
+    run: Callable[[int, torch.Tensor, torch.nn.Module], tuple[torch.Tensor, ...]],
+    baseline: str,
+) -> dict[str, float]:
+    """The validation of every fusion trainer: each of ``trainer.val_files`` (centre-cropped to
+    ``config.val_crop_size``) through ``run(i, gt, model) -> (gt, output, baseline image,
+    picture row)``; PSNR/SSIM of the output and of the baseline (logged as ``<metric>_<baseline>``)
+    and one comparison PNG per image under ``val/step_*``.
+    """
+    if not trainer.val_files:
+        return {}
+    cfg = trainer.config
+    if trainer._metrics is None:
+        trainer._metrics = ValidationMetrics(("psnr", "ssim"), trainer.device)
+    model = trainer.val_model()
+    was_training = model.training
+    model.eval()
+    folder = trainer.output_dir / "val" / f"step_{trainer.step:08d}"
+    scores: dict[str, list[float]] = {k: [] for k in trainer.val_fields[1:]}
+    for i, path in enumerate(trainer.val_files):
+        gt = load_image(path).tensor
+        if cfg.val_crop_size:
+            gt = center_crop(gt, cfg.val_crop_size, cfg.val_crop_size)
+        gt, out, base, row = run(i, gt, model)
+        for key, value in trainer._metrics(out, gt).items():
+            scores[key].append(value)
+        for key, value in trainer._metrics(base, gt).items():
+            scores[f"{key}_{baseline}"].append(value)
+        save_image(torch.cat(row, dim=-1).clamp(0, 1).cpu(),
+                   folder / f"{i:03d}_{Path(path).stem}.png")
+    model.train(was_training)
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
 class FusionTrainer(TrainingLoop):
     """Train a [`~raim_diffusion.fusion.model.FusionNet`] on a folder of HQ images.
 
@@ -227,45 +263,26 @@ class FusionTrainer(TrainingLoop):
     def has_validation(self) -> bool:
         return bool(self.val_files)
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """PSNR/SSIM (``raim eval``'s) of the (EMA) generator; writes comparison PNGs."""
-        if not self.val_files:
-            return {}
+        """PSNR/SSIM (``raim eval``'s) of the (EMA) generator; writes comparison PNGs
+        (LQ | mask | composite | output | GT)."""
         cfg = self.config
-        if self._metrics is None:
-            self._metrics = ValidationMetrics(("psnr", "ssim"), self.device)
-        model = self.val_model()
-        was_training = model.training
-        model.eval()
-        folder = self.output_dir / "val" / f"step_{self.step:08d}"
-        scores: dict[str, list[float]] = {k: [] for k in self.val_fields[1:]}
-        for i, path in enumerate(self.val_files):
-            gt = load_image(path).tensor.to(self.device)
-            if cfg.val_crop_size:
-                gt = center_crop(gt, cfg.val_crop_size, cfg.val_crop_size)
+
+        def run(i: int, gt: torch.Tensor, model: torch.nn.Module):
+            gt = gt.to(self.device)
             # The same degradation and mask at every validation, so the numbers are comparable.
             g_dev = torch.Generator(self.device).manual_seed(mix_seed(cfg.seed, 7919, i, 1))
             g_cpu = torch.Generator().manual_seed(mix_seed(cfg.seed, 7919, i, 2))
             lq = self.degrade(gt, g_dev)
             mask = random_masks(
-                1,
-                gt.shape[-2],
-                gt.shape[-1],
-                tuple(cfg.masks.coverage),
-                g_cpu,
+                1, gt.shape[-2], gt.shape[-1], tuple(cfg.masks.coverage), g_cpu,
                 sttn_prob=cfg.masks.sttn_prob,
             ).to(self.device)
             composite = make_composite(gt, lq, mask)
             out = model.restore(lq, mask, gt).to(gt.dtype).clamp(0, 1)
-            for key, value in self._metrics(out, gt).items():
-                scores[key].append(value)
-            for key, value in self._metrics(composite, gt).items():
-                scores[f"{key}_composite"].append(value)
-            row = torch.cat([lq, mask.expand_as(gt), composite, out, gt], dim=-1)
-            save_image(row.clamp(0, 1).cpu(), folder / f"{i:03d}_{Path(path).stem}.png")
-        model.train(was_training)
-        return {k: sum(v) / len(v) for k, v in scores.items()}
+            return gt, out, composite, [lq, mask.expand_as(gt), composite, out, gt]
+
+        return validate_on_files(self, run, "composite")
 
     def export(self) -> Path:
         """Save the (EMA) generator to ``output_dir/fusion``."""
