@@ -264,7 +264,8 @@ def load_train_config(
     return out
 
 
-def _validate(cfg: TrainConfig) -> None:
+def _validate_loop(cfg: TrainConfig | PriorTrainConfig) -> None:
+    """The checks every training config shares: precision, schedule, Adam betas, EMA."""
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(
             f"mixed_precision must be 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}"
@@ -273,13 +274,19 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(
             f"optim.scheduler must be 'constant' or 'cosine', got {cfg.optim.scheduler!r}"
         )
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas!r}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {cfg.ema_decay}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    _validate_loop(cfg)
     if int(cfg.degradation.scale) != 1:
         raise ValueError(
             "degradation.scale must be 1 for fusion training (a 1x task), got "
             f"{cfg.degradation.scale}"
         )
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"ema_decay must lie in [0, 1), got {cfg.ema_decay}")
     if cfg.max_steps < 0 or cfg.data.batch_size < 1 or cfg.data.crop_size < 32:
         raise ValueError(
             "need max_steps >= 0, data.batch_size >= 1 and data.crop_size >= 32 (the "
@@ -288,8 +295,6 @@ def _validate(cfg: TrainConfig) -> None:
         )
     if len(cfg.masks.coverage) != 2:
         raise ValueError(f"masks.coverage must be [lo, hi], got {cfg.masks.coverage!r}")
-    if len(cfg.optim.betas) != 2:
-        raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas!r}")
     if cfg.model.architecture not in ("FusionNet", "AlignFusionNet"):
         raise ValueError(
             "model.architecture must be 'FusionNet' or 'AlignFusionNet', got "
@@ -484,20 +489,9 @@ def _validate_prior(cfg: PriorTrainConfig) -> None:
         raise ValueError("model.freeze_prior trains the head only: it needs model.head=true")
     if m.scale is not None and m.scale not in (1, 2, 3, 4, 8):
         raise ValueError(f"model.scale must be 1, 2, 3, 4 or 8, got {m.scale}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(
-            f"mixed_precision must be 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}"
-        )
-    if cfg.optim.scheduler not in ("constant", "cosine"):
-        raise ValueError(
-            f"optim.scheduler must be 'constant' or 'cosine', got {cfg.optim.scheduler!r}"
-        )
-    if len(cfg.optim.betas) != 2:
-        raise ValueError(f"optim.betas must have two values, got {cfg.optim.betas!r}")
+    _validate_loop(cfg)
     if cfg.loss.pixel_type not in ("l1", "l2"):
         raise ValueError(f"loss.pixel_type must be 'l1' or 'l2', got {cfg.loss.pixel_type!r}")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"ema_decay must lie in [0, 1), got {cfg.ema_decay}")
     if cfg.max_steps < 0 or cfg.data.batch_size < 1 or cfg.data.crop_size < 8:
         raise ValueError(
             "need max_steps >= 0, data.batch_size >= 1 and data.crop_size >= 8, got "
