@@ -6,12 +6,14 @@ A user error on the command line is one line on stderr and exit status 2; these 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
 __all__ = [
     "DEVICE_TYPES",
+    "add_training_arguments",
     "UsageError",
     "check_output_dir",
     "check_output_file",
@@ -94,6 +96,21 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
         raise UsageError(f"{what} {path} exists and is not writable")
     _check_writable_parent(path, what)
     return path
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every ``raim train-*`` command shares: ``--max-steps``, ``--resume`` and
+    ``--set KEY=VALUE`` (repeatable, collected in ``args.overrides``)."""
+    parser.add_argument("--max-steps", type=int, metavar="N", help="override max_steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set data.batch_size=4 (repeatable)",
+    )
 
 
 def report_usage_error(command: str, error: BaseException) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from raim_diffusion.runner.common import add_training_arguments
+
 _DESCRIPTION = """\
 Train a FusionNet the way it is used at inference: every GT crop is degraded with the
 Real-ESRGAN second-order pipeline (1x) into the LQ input, a random STTN / DeSRA-like hole mask
@@ -48,17 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="training preset name (tiny, default, tiny-align, align) or a YAML file "
         "(default: default)",
     )
-    parser.add_argument("--max-steps", type=int, metavar="N", help="override max_steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    add_training_arguments(parser)
     parser.add_argument("--val", metavar="DIR", help="held-out HQ images for validation")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set data.batch_size=4 (repeatable)",
-    )
     parser.set_defaults(func=run)
 
 

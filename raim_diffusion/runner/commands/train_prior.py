@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raim_diffusion.runner.common import add_training_arguments
+
 _DESCRIPTION = """\
 Train or fine-tune a restoration prior: any spandrel architecture from scratch (named in the
 config: model.architecture + model.kwargs) or from weights (model.weights: a built-in name, a
@@ -49,16 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune these weights (built-in name, weights file or prior folder) instead of "
         "training the preset's architecture from scratch",
     )
-    parser.add_argument("--max-steps", type=int, metavar="N", help="override max_steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set data.batch_size=4 (repeatable)",
-    )
+    add_training_arguments(parser)
     parser.add_argument(
         "trailing_overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides"
     )
