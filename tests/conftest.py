@@ -13,6 +13,20 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # (notebook kernels, torchrun workers) inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402 - after the environment above
+import pytest  # noqa: E402 - after the environment above
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def private_raim_cache(tmp_path_factory):
+    """Tiny pipelines and converted priors go to a private cache, shared by one test module
+    (use it with ``pytestmark = pytest.mark.usefixtures("private_raim_cache")``)."""
+    old = os.environ.get("RAIM_CACHE")
+    os.environ["RAIM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("RAIM_CACHE")
+    else:
+        os.environ["RAIM_CACHE"] = old

@@ -32,16 +32,8 @@ from raim_diffusion.runner.batch import (
 PRIOR = ["--prior", "realesr-animevideov3-x2", "--quiet", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    """Converted priors go to a private cache, shared by this module."""
-    old = os.environ.get("RAIM_CACHE")
-    os.environ["RAIM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("RAIM_CACHE")
-    else:
-        os.environ["RAIM_CACHE"] = old
+# Tiny pipelines and converted priors go to a private cache, shared by this module.
+pytestmark = pytest.mark.usefixtures("private_raim_cache")
 
 
 def _img(path: Path, seed: int = 0, size=(12, 10), gray: bool = False, **save) -> Path:

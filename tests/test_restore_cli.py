@@ -16,17 +16,8 @@ from raim_diffusion.images import load_image
 from raim_diffusion.runner.batch import Job, Restored, image_seed, plan_jobs, run_jobs
 from raim_diffusion.runner.config import list_presets
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    """Tiny pipelines and converted priors go to a private cache, shared by this module."""
-    old = os.environ.get("RAIM_CACHE")
-    os.environ["RAIM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("RAIM_CACHE")
-    else:
-        os.environ["RAIM_CACHE"] = old
+# Tiny pipelines and converted priors go to a private cache, shared by this module.
+pytestmark = pytest.mark.usefixtures("private_raim_cache")
 
 
 def _photo(size=(40, 32), seed=0) -> np.ndarray:
